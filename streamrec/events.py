@@ -1,0 +1,118 @@
+"""The recording event and its encoding as stream fields.
+
+Stream fields are plain strings so that ``redis-cli XRANGE`` shows them as they
+are. ``v`` is the schema version; a consumer rejects versions it does not know.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+SCHEMA_VERSION = "1"
+
+RECORDING_SID = re.compile(r"^RE[0-9a-fA-F]{32}$")
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+BUSINESS_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+Status = Literal["completed", "absent", "failed"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "absent", "failed"})
+
+
+class InvalidEvent(ValueError):
+    """A callback or stream entry does not describe a valid recording event."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingEvent:
+    """One terminal RecordingStatusCallback, as it travels through the stream."""
+
+    recording_sid: str
+    call_sid: str
+    account_sid: str
+    business_id: str
+    status: Status
+    duration_s: int | None = None
+    channels: int | None = None
+    source: str = ""
+    received_ms: int = 0
+
+    def to_fields(self) -> dict[str, str]:
+        """Encode as stream fields: readable strings, empty for a missing value."""
+        fields = {"v": SCHEMA_VERSION}
+        for name, value in asdict(self).items():
+            fields[name] = "" if value is None else str(value)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> RecordingEvent:
+        """Decode stream fields; raises InvalidEvent for an unknown version or bad field."""
+        version = fields.get("v")
+        if version != SCHEMA_VERSION:
+            raise InvalidEvent(f"unknown schema version {version!r}")
+        try:
+            return cls.create(
+                recording_sid=fields["recording_sid"],
+                call_sid=fields["call_sid"],
+                account_sid=fields["account_sid"],
+                business_id=fields["business_id"],
+                status=fields["status"],
+                duration_s=fields.get("duration_s", ""),
+                channels=fields.get("channels", ""),
+                source=fields.get("source", ""),
+                received_ms=int(fields.get("received_ms") or 0),
+            )
+        except KeyError as exc:
+            raise InvalidEvent(f"missing field {exc.args[0]}") from None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        recording_sid: str,
+        call_sid: str,
+        account_sid: str,
+        business_id: str,
+        status: str,
+        duration_s: str = "",
+        channels: str = "",
+        source: str = "",
+        received_ms: int | None = None,
+    ) -> RecordingEvent:
+        """Validate raw strings (from a callback or the stream) into an event."""
+        _check(RECORDING_SID, "RecordingSid", recording_sid)
+        _check(CALL_SID, "CallSid", call_sid)
+        _check(ACCOUNT_SID, "AccountSid", account_sid)
+        _check(BUSINESS_ID, "business_id", business_id)
+        if status not in TERMINAL_STATUSES:
+            raise InvalidEvent(f"RecordingStatus {status!r} is not terminal")
+        return cls(
+            recording_sid=recording_sid,
+            call_sid=call_sid,
+            account_sid=account_sid,
+            business_id=business_id,
+            status=status,  # type: ignore[arg-type]  # checked against TERMINAL_STATUSES
+            duration_s=_optional_int("RecordingDuration", duration_s),
+            channels=_optional_int("RecordingChannels", channels),
+            source=source[:64],
+            received_ms=int(time.time() * 1000) if received_ms is None else received_ms,
+        )
+
+
+def _check(pattern: re.Pattern[str], name: str, value: str) -> None:
+    if not value:
+        raise InvalidEvent(f"{name} is missing")
+    if not pattern.fullmatch(value):
+        raise InvalidEvent(f"{name} is malformed")
+
+
+def _optional_int(name: str, value: str) -> int | None:
+    if not value or value == "-1":  # Twilio sends -1 when there is no duration
+        return None
+    if not value.isdigit() or len(value) > 9:
+        raise InvalidEvent(f"{name} must be a non-negative integer")
+    return int(value)

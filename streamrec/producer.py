@@ -1,0 +1,172 @@
+"""The webhook: verifies Twilio's RecordingStatusCallback and adds it to the stream.
+
+A callback is answered 2xx only once its event is in Redis (503 while Redis is
+unreachable, so Twilio retries). Retries and duplicate callbacks of one
+recording add one entry: a Lua script checks the RecordingSid marker and XADDs
+in one atomic call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+from twilio.request_validator import RequestValidator, get_signature_algorithm
+
+from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
+from streamrec.keys import Keys
+
+log = structlog.get_logger("streamrec.producer")
+
+WEBHOOK_PATH = "/twilio/recording"
+
+# KEYS: marker, stream. ARGV: marker ttl, then field/value pairs.
+# Returns {1, id} when added, {0, id-of-the-first} for a duplicate.
+ENQUEUE_ONCE = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return {0, seen} end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+return {1, id}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """What the webhook needs to verify and route a callback."""
+
+    account_sid: str
+    auth_token: str
+    public_url: str
+    keys: Keys
+    dedupe_ttl_s: int = 7 * 24 * 3600
+    max_body_bytes: int = 64 * 1024
+
+
+REDIS_KEY: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
+CONFIG_KEY: web.AppKey[WebhookConfig] = web.AppKey("config", WebhookConfig)
+
+
+class Enqueuer:
+    """Adds recording events to the stream, once per RecordingSid."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, dedupe_ttl_s: int) -> None:
+        self._keys = keys
+        self._ttl = str(dedupe_ttl_s)
+        self._script = redis.register_script(ENQUEUE_ONCE)
+
+    async def enqueue(self, event: RecordingEvent) -> tuple[bool, str]:
+        """Add the event unless its recording was seen; returns (added, entry id)."""
+        args: list[str] = [self._ttl]
+        for name, value in event.to_fields().items():
+            args += (name, value)
+        added, entry_id = await self._script(
+            keys=[self._keys.seen(event.recording_sid), self._keys.stream], args=args
+        )
+        return bool(added), str(entry_id)
+
+
+ENQUEUER_KEY: web.AppKey[Enqueuer] = web.AppKey("enqueuer", Enqueuer)
+
+
+def create_app(redis: aioredis.Redis, config: WebhookConfig) -> web.Application:
+    """The webhook app, using ``redis`` (owned by the caller)."""
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[REDIS_KEY] = redis
+    app[CONFIG_KEY] = config
+    app[ENQUEUER_KEY] = Enqueuer(redis, config.keys, dedupe_ttl_s=config.dedupe_ttl_s)
+    app.router.add_post(WEBHOOK_PATH, recording_callback)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the process runs."""
+    return web.json_response({"status": "ok"})
+
+
+def _reject(status: int, reason: str, **context: str) -> web.Response:
+    log.warning("webhook_rejected", status=status, reason=reason, **context)
+    return web.json_response({"error": reason}, status=status)
+
+
+async def recording_callback(request: web.Request) -> web.Response:
+    """POST /twilio/recording?business_id=...: verify, validate, enqueue."""
+    config = request.app[CONFIG_KEY]
+    if request.content_length is not None and request.content_length > config.max_body_bytes:
+        return _reject(413, "body too large")
+    try:
+        form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        return _reject(413, "body too large")
+    params = {key: str(value) for key, value in form.items()}
+    refusal = _verify(request, form, params, config)
+    if refusal is not None:
+        return refusal
+    status = params.get("RecordingStatus", "")
+    if status and status not in TERMINAL_STATUSES:
+        log.info(
+            "webhook_ignored", recording_status=status, recording_sid=params.get("RecordingSid")
+        )
+        return web.json_response({"status": "ignored", "recording_status": status})
+    try:
+        event = _event(params, request.query.get("business_id", ""))
+    except InvalidEvent as exc:
+        return _reject(400, str(exc))
+    return await _enqueue(request.app[ENQUEUER_KEY], event)
+
+
+def _verify(
+    request: web.Request, form: Any, params: dict[str, str], config: WebhookConfig
+) -> web.Response | None:
+    """403 unless the signature verifies over the public URL and the account is ours."""
+    url = config.public_url + request.path_qs
+    validator = RequestValidator(config.auth_token)
+    algorithm = get_signature_algorithm(request.headers.get("X-Twilio-Webhooks-Signature-Settings"))
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature or not validator.validate(url, form, signature, algorithm):
+        return _reject(403, "signature does not verify")
+    if params.get("AccountSid") != config.account_sid:
+        return _reject(403, "AccountSid is not this account's")
+    return None
+
+
+def _event(params: dict[str, str], business_id: str) -> RecordingEvent:
+    """The event a verified callback describes; InvalidEvent names what is wrong."""
+    if not BUSINESS_ID.fullmatch(business_id):
+        raise InvalidEvent("business_id query parameter is missing or malformed")
+    if not params.get("RecordingStatus"):
+        raise InvalidEvent("RecordingStatus is missing")
+    return RecordingEvent.create(
+        recording_sid=params.get("RecordingSid", ""),
+        call_sid=params.get("CallSid", ""),
+        account_sid=params["AccountSid"],
+        business_id=business_id,
+        status=params["RecordingStatus"],
+        duration_s=params.get("RecordingDuration", ""),
+        channels=params.get("RecordingChannels", ""),
+        source=params.get("RecordingSource", ""),
+    )
+
+
+async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> web.Response:
+    context = {"recording_sid": event.recording_sid, "business_id": event.business_id}
+    try:
+        added, entry_id = await enqueuer.enqueue(event)
+    except (RedisError, OSError) as exc:
+        log.error("webhook_enqueue_failed", error=str(exc), **context)
+        return web.json_response(
+            {"error": "queue unavailable, retry later"}, status=503, headers={"Retry-After": "5"}
+        )
+    log.info(
+        "webhook_enqueued" if added else "webhook_duplicate",
+        entry_id=entry_id,
+        recording_status=event.status,
+        call_sid=event.call_sid,
+        **context,
+    )
+    return web.json_response({"status": "queued" if added else "duplicate", "entry_id": entry_id})

@@ -1,0 +1,139 @@
+"""The one configuration object. Only this module reads the environment.
+
+Values come from environment variables, then from `.env` and `config/streamrec.env`
+in the working directory (the environment wins). Every name is listed in the
+README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_FILES = (".env", "config/streamrec.env")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Configuration of every streamrec process, validated once at start."""
+
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILES,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias="REDIS_URL")
+    database_url: str = Field("postgresql://localhost/streamrec", validation_alias="DATABASE_URL")
+    twilio_account_sid: str | None = Field(None, validation_alias="TWILIO_ACCOUNT_SID")
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias="TWILIO_AUTH_TOKEN")
+    public_url: str = Field("http://localhost:8080", validation_alias="STREAMREC_PUBLIC_URL")
+    http_host: str = Field("0.0.0.0", validation_alias="STREAMREC_HTTP_HOST")  # noqa: S104
+    http_port: int = Field(8080, validation_alias="STREAMREC_HTTP_PORT", ge=0, le=65535)
+    twilio_api_base: str = Field(
+        "https://api.twilio.com", validation_alias="STREAMREC_TWILIO_API_BASE"
+    )
+    media_dir: Path = Field(Path("./media"), validation_alias="STREAMREC_MEDIA_DIR")
+    media_max_bytes: int = Field(
+        100 * 1024 * 1024, validation_alias="STREAMREC_MEDIA_MAX_BYTES", gt=0
+    )
+    openai_api_key: SecretStr | None = Field(None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
+    transcribe_model: str = Field(
+        "gpt-4o-mini-transcribe", validation_alias="STREAMREC_TRANSCRIBE_MODEL"
+    )
+    concurrency: int = Field(16, validation_alias="STREAMREC_CONCURRENCY", ge=1, le=10_000)
+    claim_idle_ms: int = Field(60_000, validation_alias="STREAMREC_CLAIM_IDLE_MS", ge=100)
+    max_deliveries: int = Field(5, validation_alias="STREAMREC_MAX_DELIVERIES", ge=1)
+    retry_base_ms: int = Field(1_000, validation_alias="STREAMREC_RETRY_BASE_MS", ge=0)
+    retry_max_ms: int = Field(60_000, validation_alias="STREAMREC_RETRY_MAX_MS", ge=0)
+    http_timeout_s: float = Field(60.0, validation_alias="STREAMREC_HTTP_TIMEOUT_S", gt=0)
+    shutdown_grace_s: float = Field(30.0, validation_alias="STREAMREC_SHUTDOWN_GRACE_S", ge=0)
+    block_ms: int = Field(2_000, validation_alias="STREAMREC_BLOCK_MS", ge=1)
+    max_body_bytes: int = Field(64 * 1024, validation_alias="STREAMREC_MAX_BODY_BYTES", ge=1024)
+    dedupe_ttl_s: int = Field(7 * 24 * 3600, validation_alias="STREAMREC_DEDUPE_TTL_S", ge=60)
+    namespace: str = Field(
+        "streamrec", validation_alias="STREAMREC_NAMESPACE", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
+    )
+    consumer_name: str = Field(
+        "", validation_alias="STREAMREC_CONSUMER_NAME", pattern=r"^[A-Za-z0-9_.:@-]{0,128}$"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias="STREAMREC_LOG_FORMAT"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias="STREAMREC_LOG_LEVEL"
+    )
+
+    @field_validator("public_url", "twilio_api_base")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _account_sid(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 34 or not value.startswith("AC")):
+            raise ValueError("must be AC followed by 32 hex digits")
+        return value
+
+    @property
+    def transcription_enabled(self) -> bool:
+        """True when an OpenAI key is configured; without one the pipeline is download-only."""
+        return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
+
+    @property
+    def resolved_consumer_name(self) -> str:
+        """This process's consumer name in the group: the setting, or host-pid."""
+        return self.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+
+    def twilio_credentials(self) -> tuple[str, str]:
+        """The account SID and auth token, or ConfigError naming what is missing."""
+        missing = [
+            name
+            for name, value in (
+                ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
+                ("TWILIO_AUTH_TOKEN", self.twilio_auth_token),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"missing required setting: {', '.join(missing)}")
+        assert self.twilio_account_sid is not None  # noqa: S101 - narrowed by the check above
+        assert self.twilio_auth_token is not None  # noqa: S101
+        return self.twilio_account_sid, self.twilio_auth_token.get_secret_value()
+
+
+def _variable_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else field.upper()
+
+
+def load_settings() -> Settings:
+    """Build Settings from the environment, or raise ConfigError naming each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = _variable_name(field) if field in Settings.model_fields else field
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,132 @@
+"""Twilio's side: the media URL of a recording and its download.
+
+The URL is built from AccountSid and RecordingSid against the configured API
+base, never taken from the callback, so a forged callback cannot point a worker
+at another host or make it send the auth token there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+import structlog
+
+from streamrec.events import RecordingEvent
+from streamrec.retry import PermanentError, TransientError
+
+log = structlog.get_logger("streamrec.twilio")
+
+CHUNK = 64 * 1024
+AUDIO_MAGIC = (b"ID3", b"RIFF", b"OggS", b"fLaC")
+
+
+def media_url(api_base: str, account_sid: str, recording_sid: str) -> str:
+    """The mp3 media URL of a recording (mp3 keeps long calls under OpenAI's 25 MB)."""
+    return f"{api_base}/2010-04-01/Accounts/{account_sid}/Recordings/{recording_sid}.mp3"
+
+
+def looks_like_audio(head: bytes) -> bool:
+    """True for the first bytes of an mp3 (ID3 tag or frame sync), wav, ogg or flac."""
+    if head.startswith(AUDIO_MAGIC):
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+
+
+class MediaClient:
+    """Downloads recording media with the account's credentials into ``media_dir``."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        api_base: str,
+        account_sid: str,
+        auth_token: str,
+        media_dir: Path,
+        max_bytes: int,
+    ) -> None:
+        self._session = session
+        self._api_base = api_base
+        self._account_sid = account_sid
+        self._auth = aiohttp.BasicAuth(account_sid, auth_token)
+        self._media_dir = media_dir
+        self._max_bytes = max_bytes
+
+    def path_for(self, event: RecordingEvent) -> Path:
+        """Where the audio of a recording is stored."""
+        return self._media_dir / event.business_id / f"{event.recording_sid}.mp3"
+
+    async def download(self, event: RecordingEvent) -> tuple[Path, int]:
+        """Fetch the recording's audio to disk; returns its path and size.
+
+        A file already at the final path is complete (it is renamed there only
+        when whole) and is not fetched again. Raises TransientError for Twilio's
+        early 404, 429, 5xx and network failures, PermanentError for other 4xx,
+        oversized or non-audio bodies.
+        """
+        if event.account_sid != self._account_sid:
+            raise PermanentError("recording belongs to another account")
+        final = self.path_for(event)
+        if final.exists():
+            return final, final.stat().st_size
+        url = media_url(self._api_base, event.account_sid, event.recording_sid)
+        part = final.with_name(f"{final.name}.{uuid.uuid4().hex}.part")
+        try:
+            async with self._session.get(url, auth=self._auth) as response:
+                _check_status(response)
+                size = await self._save(response, part)
+            os.replace(part, final)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(f"media download failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            part.unlink(missing_ok=True)
+        log.info("recording_downloaded", bytes=size)
+        return final, size
+
+    async def _save(self, response: aiohttp.ClientResponse, part: Path) -> int:
+        declared = response.content_length
+        if declared is not None and declared > self._max_bytes:
+            raise PermanentError(f"media is {declared} bytes, over the {self._max_bytes} limit")
+        file = await asyncio.to_thread(_open_for_write, part)
+        size = 0
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                if size == 0 and not looks_like_audio(chunk[:4]):
+                    raise PermanentError("media is not audio")
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise PermanentError(f"media is over the {self._max_bytes} byte limit")
+                file.write(chunk)
+        finally:
+            file.close()
+        if size == 0:
+            raise TransientError("media body was empty")
+        return size
+
+
+def _open_for_write(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+def _check_status(response: aiohttp.ClientResponse) -> None:
+    status = response.status
+    if status == 200:
+        return
+    if status == 404:
+        # Twilio answers 404 for a short while after the callback, until the
+        # media is ready; a 404 that persists ends at the delivery cap.
+        raise TransientError("media not found yet (404)")
+    if status == 429 or status >= 500:
+        raise TransientError(f"media request got {status}", retry_after=_retry_after(response))
+    raise PermanentError(f"media request got {status}")
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
