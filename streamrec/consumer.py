@@ -38,7 +38,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import structlog
@@ -78,10 +78,8 @@ class Delivery:
     """How often the entry has been delivered, this delivery included."""
 
 
-class Handler(Protocol):
-    """Does the work of one entry. Returning means its result is committed."""
-
-    async def __call__(self, delivery: Delivery) -> None: ...
+Handler = Callable[[Delivery], Awaitable[None]]
+"""Does the work of one entry. Returning means its result is committed."""
 
 
 DeadHook = Callable[[Delivery, str], Awaitable[None]]
@@ -146,6 +144,8 @@ class Consumer:
         self._next_reclaim = 0.0
         self.processed = 0
         self.dead_lettered = 0
+        self.reclaim_passes = 0
+        """Completed XAUTOCLAIM scans of the whole group's pending list."""
 
     @property
     def name(self) -> str:
@@ -231,6 +231,7 @@ class Consumer:
         self._reclaim_cursor = cursor
         if cursor == "0-0":
             self._next_reclaim = now + self._config.claim_idle_ms / 3000
+            self.reclaim_passes += 1
         if deleted:
             log.warning("reclaimed_entries_gone", entry_ids=deleted)
         claimed = [(entry_id, fields) for entry_id, fields in claimed if fields is not None]

@@ -16,6 +16,9 @@ import openai
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
 from streamrec import store
 from streamrec.consumer import Consumer, ConsumerConfig
@@ -30,16 +33,29 @@ from streamrec.twilio import MediaClient
 log = structlog.get_logger("streamrec.service")
 
 
-@contextlib.asynccontextmanager
-async def open_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client whose socket timeout outlasts the consumer's blocking read."""
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
+def redis_client(url: str, *, block_ms: int = 2_000) -> aioredis.Redis:
+    """A Redis client that reconnects and retries a command on a dropped connection.
+
+    Every command streamrec sends is safe to repeat (the enqueue script dedupes,
+    acks are idempotent, a repeated read only leaves entries to reclaim), so a
+    Redis restart costs a reconnect, not an error. The socket timeout outlasts
+    the consumer's blocking read.
+    """
+    return aioredis.Redis.from_url(
+        url,
         decode_responses=True,
         socket_connect_timeout=5,
-        socket_timeout=settings.block_ms / 1000 + 10,
+        socket_timeout=block_ms / 1000 + 10,
         health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        retry_on_error=[ConnectionError, TimeoutError],
     )
+
+
+@contextlib.asynccontextmanager
+async def open_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """The process's Redis client, closed on exit."""
+    client = redis_client(settings.redis_url, block_ms=settings.block_ms)
     try:
         yield client
     finally:

@@ -1,0 +1,169 @@
+"""Local stand-ins for Twilio and OpenAI that speak their wire protocols.
+
+``MediaStandIn`` serves ``GET /2010-04-01/Accounts/{AccountSid}/Recordings/{Sid}.mp3``
+behind HTTP Basic auth and, like Twilio right after a callback, answers 404 for
+the first requests of each recording. ``OpenAIStandIn`` serves
+``POST /v1/audio/transcriptions`` (multipart, Bearer auth) and answers as OpenAI
+does, errors included, so the real ``openai`` SDK drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+OPENAI_KEY = "sk-test"
+# A minimal mp3: an ID3v2 header, then one frame-sync header and padding.
+AUDIO = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" + bytes(2000)
+
+
+def recording_sid() -> str:
+    """A fresh, well-formed RecordingSid."""
+    return "RE" + secrets.token_hex(16)
+
+
+def call_sid() -> str:
+    """A fresh, well-formed CallSid."""
+    return "CA" + secrets.token_hex(16)
+
+
+def callback_params(
+    sid: str | None = None, *, status: str = "completed", account_sid: str = ACCOUNT_SID
+) -> dict[str, str]:
+    """The form fields of a RecordingStatusCallback."""
+    sid = sid or recording_sid()
+    return {
+        "AccountSid": account_sid,
+        "CallSid": call_sid(),
+        "RecordingSid": sid,
+        "RecordingUrl": f"https://api.twilio.com/2010-04-01/Accounts/{account_sid}/Recordings/{sid}",
+        "RecordingStatus": status,
+        "RecordingDuration": "42",
+        "RecordingChannels": "1",
+        "RecordingSource": "RecordVerb",
+        "RecordingStartTime": "Sat, 28 Nov 2026 10:00:00 +0000",
+        "ErrorCode": "0",
+    }
+
+
+def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
+    """X-Twilio-Signature of a POST to ``url`` with ``params``, as Twilio computes it."""
+    return str(RequestValidator(token).compute_signature(url, params))
+
+
+class _Server:
+    """An aiohttp app on a free loopback port."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self.url = ""
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+class MediaStandIn(_Server):
+    """Twilio's recording media endpoint."""
+
+    def __init__(self, *, not_ready: int = 1) -> None:
+        app = web.Application()
+        app.router.add_get("/2010-04-01/Accounts/{account}/Recordings/{name}", self._recording)
+        super().__init__(app)
+        self.not_ready = not_ready
+        """How many requests of each recording get Twilio's early 404."""
+        self.requests: Counter[str] = Counter()
+        self.served: Counter[str] = Counter()
+        self.unauthorized = 0
+        self.status_for: dict[str, int] = {}
+        self.body_for: dict[str, bytes] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.gate: asyncio.Event | None = None
+        self._expected = (
+            "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
+        )
+
+    async def _recording(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != self._expected:
+            self.unauthorized += 1
+            return web.json_response({"code": 20003, "message": "Authenticate"}, status=401)
+        sid, _, ext = request.match_info["name"].partition(".")
+        if request.match_info["account"] != ACCOUNT_SID or ext != "mp3":
+            return web.json_response({"code": 20404, "message": "not found"}, status=404)
+        self.requests[sid] += 1
+        if sid in self.status_for:
+            return web.json_response({"message": "injected"}, status=self.status_for[sid])
+        if self.requests[sid] <= self.not_ready:
+            return web.json_response({"code": 20404, "message": "not found"}, status=404)
+        self.in_flight[sid] += 1
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            self.served[sid] += 1
+            return web.Response(body=self.body_for.get(sid, AUDIO), content_type="audio/mpeg")
+        finally:
+            self.in_flight[sid] -= 1
+
+
+class OpenAIStandIn(_Server):
+    """OpenAI's audio transcription endpoint."""
+
+    def __init__(self) -> None:
+        app = web.Application(client_max_size=30 * 1024 * 1024)
+        app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+        super().__init__(app)
+        self.calls: Counter[str] = Counter()
+        self.models: list[str] = []
+        self.error_for: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.gate: asyncio.Event | None = None
+        self.hold: set[str] | None = None
+        """With a gate: the recordings held at it (None: all of them)."""
+        self.waiting: Counter[str] = Counter()
+
+    async def _transcribe(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {OPENAI_KEY}":
+            return _openai_error(401, "Incorrect API key provided", "invalid_api_key")
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField) or not form.get("model"):
+            return _openai_error(400, "file and model are required", None)
+        sid = upload.filename.partition(".")[0]
+        self.calls[sid] += 1
+        self.models.append(str(form["model"]))
+        if sid in self.error_for:
+            status, error = self.error_for[sid]
+            return web.json_response({"error": error}, status=status)
+        if self.gate is not None and (self.hold is None or sid in self.hold):
+            self.waiting[sid] += 1
+            await self.gate.wait()
+        return web.json_response({"text": f"transcript of {sid}"})
+
+
+def _openai_error(status: int, message: str, code: str | None) -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                      "code": code}}  # fmt: skip
+    return web.json_response(body, status=status)
+
+
+def quota_error() -> tuple[int, dict[str, Any]]:
+    """OpenAI's 429 for an exhausted quota."""
+    return 429, {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
