@@ -8,6 +8,7 @@ at another host or make it send the auth token there.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import uuid
 from pathlib import Path
@@ -53,7 +54,9 @@ class MediaClient:
         self._session = session
         self._api_base = api_base
         self._account_sid = account_sid
-        self._auth = aiohttp.BasicAuth(account_sid, auth_token)
+        credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
+        # aiohttp drops this header on a redirect to another origin.
+        self._headers = {"Authorization": f"Basic {credentials}"}
         self._media_dir = media_dir
         self._max_bytes = max_bytes
 
@@ -77,7 +80,7 @@ class MediaClient:
         url = media_url(self._api_base, event.account_sid, event.recording_sid)
         part = final.with_name(f"{final.name}.{uuid.uuid4().hex}.part")
         try:
-            async with self._session.get(url, auth=self._auth) as response:
+            async with self._session.get(url, headers=self._headers) as response:
                 _check_status(response)
                 size = await self._save(response, part)
             os.replace(part, final)

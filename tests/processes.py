@@ -1,0 +1,57 @@
+"""Consumers as real processes (``python -m streamrec consume``), to kill and signal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from streamrec.settings import Settings
+
+ENV_OF = {
+    "redis_url": "REDIS_URL",
+    "database_url": "DATABASE_URL",
+    "twilio_account_sid": "TWILIO_ACCOUNT_SID",
+    "twilio_api_base": "STREAMREC_TWILIO_API_BASE",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "media_dir": "STREAMREC_MEDIA_DIR",
+    "namespace": "STREAMREC_NAMESPACE",
+    "concurrency": "STREAMREC_CONCURRENCY",
+    "claim_idle_ms": "STREAMREC_CLAIM_IDLE_MS",
+    "block_ms": "STREAMREC_BLOCK_MS",
+    "retry_base_ms": "STREAMREC_RETRY_BASE_MS",
+    "retry_max_ms": "STREAMREC_RETRY_MAX_MS",
+    "max_deliveries": "STREAMREC_MAX_DELIVERIES",
+    "shutdown_grace_s": "STREAMREC_SHUTDOWN_GRACE_S",
+}
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process read ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "TWILIO_"))}
+    for field, name in ENV_OF.items():
+        value = getattr(settings, field)
+        if value is not None:
+            env[name] = str(value)
+    assert settings.twilio_auth_token is not None
+    env["TWILIO_AUTH_TOKEN"] = settings.twilio_auth_token.get_secret_value()
+    if settings.openai_api_key is not None:
+        env["OPENAI_API_KEY"] = settings.openai_api_key.get_secret_value()
+    env["STREAMREC_LOG_FORMAT"] = "json"
+    env.update(extra)
+    return env
+
+
+def spawn_consumer(
+    settings: Settings, name: str, log_dir: Path, **extra: str
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m streamrec consume`` as consumer ``name``; its log goes to log_dir."""
+    log = (log_dir / f"{name}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamrec", "consume"],
+        env=environment(settings, STREAMREC_CONSUMER_NAME=name, **extra),
+        cwd=log_dir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )

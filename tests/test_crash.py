@@ -1,0 +1,157 @@
+"""Crashes and signals, with consumers as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from streamrec.events import RecordingEvent
+from streamrec.keys import Keys
+from streamrec.producer import Enqueuer
+from streamrec.settings import Settings
+from tests.conftest import wait_for
+from tests.processes import spawn_consumer
+from tests.standins import ACCOUNT_SID, MediaStandIn, OpenAIStandIn, call_sid, recording_sid
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Consumer processes of this test; any still running at the end are killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def enqueue(redis: aioredis.Redis, keys: Keys, count: int) -> list[str]:
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=3600)
+    sids = [recording_sid() for _ in range(count)]
+    for sid in sids:
+        event = RecordingEvent.create(
+            recording_sid=sid,
+            call_sid=call_sid(),
+            account_sid=ACCOUNT_SID,
+            business_id="9",
+            status="completed",
+        )
+        await enqueuer.enqueue(event)
+    return sids
+
+
+async def completed(db: Any) -> set[str]:
+    return {
+        r["recording_sid"]
+        for r in await db.fetch("SELECT recording_sid FROM recordings WHERE status = 'completed'")
+    }
+
+
+async def exited(proc: subprocess.Popen[bytes]) -> int:
+    code = await asyncio.to_thread(proc.wait, 30)
+    return int(code)
+
+
+async def test_sigkilled_consumer_loses_nothing_and_repeats_no_committed_stage(
+    settings: Settings,
+    media: MediaStandIn,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """A consumer SIGKILLed mid-job: another finishes its entries, one row each, no rework."""
+    # Given 12 recordings, of which 4 get stuck in transcription
+    sids = await enqueue(redis, keys, 12)
+    held = set(sids[:4])
+    openai_api.gate = asyncio.Event()
+    openai_api.hold = held
+    children.append(spawn_consumer(settings, "victim", tmp_path))
+    await wait_for(lambda: set(openai_api.waiting) == held, what="victim stuck in transcription")
+    await wait_for(lambda: completed(db), what="first rows")
+    await wait_for(
+        lambda: _count(completed(db), len(sids) - len(held)), what="the others to complete"
+    )
+    done_before_kill = await completed(db)
+    # When the consumer is killed mid-transcription and another starts
+    children[0].send_signal(signal.SIGKILL)
+    await exited(children[0])
+    openai_api.gate.set()
+    children.append(spawn_consumer(settings, "rescuer", tmp_path))
+    # Then every recording completes exactly once
+    await wait_for(lambda: _count(completed(db), len(sids)), timeout=30, what="all completed")
+    assert await db.fetchval("SELECT count(*) FROM recordings") == len(sids)
+    assert done_before_kill == set(sids) - held
+    for sid in sids:
+        assert media.served[sid] == 1, "the download was committed before the kill"
+        expected_calls = 2 if sid in held else 1
+        assert openai_api.calls[sid] == expected_calls
+    await wait_for(lambda: _empty(redis, keys), what="stream drained and nothing pending")
+
+
+async def test_sigterm_finishes_in_flight_work_and_exits_zero(
+    settings: Settings,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """SIGTERM: in-flight recordings complete, the process exits 0, nothing is lost."""
+    sids = await enqueue(redis, keys, 20)
+    openai_api.gate = asyncio.Event()
+    proc = spawn_consumer(settings, "graceful", tmp_path, STREAMREC_CONCURRENCY="4")
+    children.append(proc)
+    await wait_for(lambda: sum(openai_api.waiting.values()) == 4, what="4 jobs in flight")
+    in_flight = set(openai_api.waiting)
+    proc.send_signal(signal.SIGTERM)
+    openai_api.gate.set()
+    assert await exited(proc) == 0
+    assert in_flight <= await completed(db)
+    assert (await redis.xpending(keys.stream, keys.group))["pending"] == 0
+    children.append(spawn_consumer(settings, "next", tmp_path))
+    await wait_for(lambda: _count(completed(db), len(sids)), timeout=30, what="the rest")
+    assert all(openai_api.calls[sid] == 1 for sid in sids)
+
+
+async def test_sigterm_past_the_grace_period_leaves_work_for_reclaim(
+    settings: Settings,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Work unfinished when the grace period ends stays pending; the next consumer does it."""
+    sids = await enqueue(redis, keys, 3)
+    openai_api.gate = asyncio.Event()
+    proc = spawn_consumer(settings, "impatient", tmp_path, STREAMREC_SHUTDOWN_GRACE_S="0.1")
+    children.append(proc)
+    await wait_for(lambda: sum(openai_api.waiting.values()) == 3, what="3 jobs in flight")
+    proc.send_signal(signal.SIGTERM)
+    assert await exited(proc) == 0
+    assert (await redis.xpending(keys.stream, keys.group))["pending"] == 3
+    openai_api.gate.set()
+    children.append(spawn_consumer(settings, "reclaimer", tmp_path))
+    await wait_for(lambda: _count(completed(db), len(sids)), timeout=30, what="reclaimed work")
+    await wait_for(lambda: _empty(redis, keys), what="nothing pending")
+
+
+async def _count(rows: Any, expected: int) -> bool:
+    return len(await rows) == expected
+
+
+async def _empty(redis: aioredis.Redis, keys: Keys) -> bool:
+    pending = (await redis.xpending(keys.stream, keys.group))["pending"]
+    return pending == 0 and await redis.xlen(keys.stream) == 0
