@@ -8,9 +8,13 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import asyncpg
+from redis.exceptions import RedisError
+
+from streamrec import devrun, service, status, store
 from streamrec import logging as logs
-from streamrec import service, status, store
 from streamrec.keys import Keys
 from streamrec.settings import ConfigError, Settings, load_settings
 
@@ -34,6 +38,10 @@ COMMANDS = {
     "run": ("serve the webhook and run one consumer in this process", f"{WEBHOOK}, {CONSUMER}"),
     "migrate": ("create or upgrade the PostgreSQL schema (idempotent)", "DATABASE_URL"),
     "status": ("summarise stream length, lag, pending entries, consumers, dead letters", ""),
+    "dev": (
+        "serve and consume on this machine, starting local Redis/PostgreSQL if none answer",
+        f"{WEBHOOK}, {CONSUMER}",
+    ),
 }
 
 
@@ -68,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamrec: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RedisError, asyncpg.PostgresError) as exc:
+        # Unreachable or refusing servers at start: one line, not a traceback.
+        print(f"streamrec: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -81,6 +93,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "serve": lambda stop: service.serve(settings, stop),
         "consume": lambda stop: service.consume(settings, stop, until_idle=args.until_idle),
         "run": lambda stop: service.run_all(settings, stop),
+        "dev": lambda stop: devrun.run(settings, stop, Path(".dev").resolve()),
     }
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -108,6 +108,8 @@ class ConsumerConfig:
     block_ms: int = 2_000
     shutdown_grace_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    log_fields: tuple[str, ...] = ()
+    """Entry fields bound to every log line about the entry (with ``entry_id``)."""
 
 
 async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
@@ -263,7 +265,8 @@ class Consumer:
 
     async def _process(self, delivery: Delivery) -> None:
         """Run the handler with retries, then ack or dead-letter the entry."""
-        with structlog.contextvars.bound_contextvars(entry_id=delivery.entry_id):
+        context = {f: delivery.fields[f] for f in self._config.log_fields if f in delivery.fields}
+        with structlog.contextvars.bound_contextvars(entry_id=delivery.entry_id, **context):
             if delivery.deliveries > self._config.retry.max_deliveries:
                 reason = f"delivered {delivery.deliveries - 1} times without finishing"
                 await self._dead_letter(delivery, reason)

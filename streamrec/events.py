@@ -55,6 +55,10 @@ class RecordingEvent:
         if version != SCHEMA_VERSION:
             raise InvalidEvent(f"unknown schema version {version!r}")
         try:
+            received_ms = int(fields.get("received_ms") or 0)
+        except ValueError:
+            raise InvalidEvent("received_ms must be an integer") from None
+        try:
             return cls.create(
                 recording_sid=fields["recording_sid"],
                 call_sid=fields["call_sid"],
@@ -64,7 +68,7 @@ class RecordingEvent:
                 duration_s=fields.get("duration_s", ""),
                 channels=fields.get("channels", ""),
                 source=fields.get("source", ""),
-                received_ms=int(fields.get("received_ms") or 0),
+                received_ms=received_ms,
             )
         except KeyError as exc:
             raise InvalidEvent(f"missing field {exc.args[0]}") from None
@@ -113,6 +117,7 @@ def _check(pattern: re.Pattern[str], name: str, value: str) -> None:
 def _optional_int(name: str, value: str) -> int | None:
     if not value or value == "-1":  # Twilio sends -1 when there is no duration
         return None
-    if not value.isdigit() or len(value) > 9:
+    # isdigit() alone passes non-ASCII digits such as "²", which int() rejects.
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
         raise InvalidEvent(f"{name} must be a non-negative integer")
     return int(value)

@@ -33,16 +33,11 @@ class RecordingPipeline:
     async def __call__(self, delivery: Delivery) -> None:
         """Take one recording as far as it goes; returns once the row is final."""
         event = _decode(delivery)
-        with structlog.contextvars.bound_contextvars(
-            recording_sid=event.recording_sid,
-            call_sid=event.call_sid,
-            business_id=event.business_id,
-        ):
-            if event.status != "completed":
-                await self._store.terminal(event, entry_id=delivery.entry_id)
-                log.info("recording_marked", status=event.status)
-                return
-            await self._run(event, delivery)
+        if event.status != "completed":
+            await self._store.terminal(event, entry_id=delivery.entry_id)
+            log.info("recording_marked", status=event.status)
+            return
+        await self._run(event, delivery)
 
     async def _run(self, event: RecordingEvent, delivery: Delivery) -> None:
         progress = await self._store.begin(event, entry_id=delivery.entry_id)

@@ -82,6 +82,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         claim_idle_ms=settings.claim_idle_ms,
         block_ms=settings.block_ms,
         shutdown_grace_s=settings.shutdown_grace_s,
+        log_fields=("recording_sid", "call_sid", "business_id"),
         retry=RetryPolicy(
             max_deliveries=settings.max_deliveries,
             base_s=settings.retry_base_ms / 1000,

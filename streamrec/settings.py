@@ -10,16 +10,41 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_FILES = (".env", "config/streamrec.env")
 
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+class _VariablesOnly(PydanticBaseSettingsSource):
+    """What ``source`` found under each setting's variable name, and nothing else.
+
+    ``populate_by_name`` lets code build ``Settings(redis_url=...)``, but it also makes
+    pydantic-settings read a variable spelled like the field (HTTP_PORT, LOG_LEVEL,
+    NAMESPACE), names that other software sets for its own reasons.
+    """
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        fields = self.settings_cls.model_fields
+        return {
+            key: value
+            for key, value in self._source().items()
+            if key not in fields or fields[key].validation_alias in (None, key)
+        }
 
 
 class Settings(BaseSettings):
@@ -74,6 +99,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", validation_alias="STREAMREC_LOG_LEVEL"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments by field name; the environment and files by variable name only."""
+        return (
+            init_settings,
+            _VariablesOnly(env_settings),
+            _VariablesOnly(dotenv_settings),
+            file_secret_settings,
+        )
 
     @field_validator("public_url", "twilio_api_base")
     @classmethod

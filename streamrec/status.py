@@ -24,8 +24,11 @@ async def collect(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
         "dead_letters": await redis.xlen(keys.dead),
         "lag": None,
         "pending": 0,
+        "last_delivered_id": None,
+        "oldest_pending_id": None,
         "oldest_pending_idle_ms": None,
         "consumers": [],
+        "collected_at_ms": now_ms,
     }
     try:
         groups = await redis.xinfo_groups(keys.stream)
@@ -51,7 +54,6 @@ async def collect(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
                 "last_seen_ms_ago": consumer.get("inactive", consumer["idle"]),
             }
         )
-    report["collected_at_ms"] = now_ms
     return report
 
 

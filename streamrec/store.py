@@ -194,7 +194,8 @@ class Store:
             VALUES ($1, $2, $3, $4, 'failed', $5, 1, $6, $7)
             ON CONFLICT (recording_sid) DO UPDATE SET
                 status = CASE WHEN r.status = 'completed' THEN r.status ELSE 'failed' END,
-                error = EXCLUDED.error, updated_at = now()
+                error = CASE WHEN r.status = 'completed' THEN r.error ELSE EXCLUDED.error END,
+                updated_at = now()
             """,
             event.recording_sid,
             event.call_sid,

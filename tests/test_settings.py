@@ -1,0 +1,206 @@
+"""Settings: defaults, variable names, files, errors and secrets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamrec.settings import ConfigError, Settings, load_settings
+from tests.standins import ACCOUNT_SID, AUTH_TOKEN
+
+# The README's configuration table: variable -> (field, default).
+DEFAULTS: dict[str, tuple[str, Any]] = {
+    "REDIS_URL": ("redis_url", "redis://localhost:6379/0"),
+    "DATABASE_URL": ("database_url", "postgresql://localhost/streamrec"),
+    "STREAMREC_PUBLIC_URL": ("public_url", "http://localhost:8080"),
+    "STREAMREC_HTTP_HOST": ("http_host", "0.0.0.0"),
+    "STREAMREC_HTTP_PORT": ("http_port", 8080),
+    "STREAMREC_TWILIO_API_BASE": ("twilio_api_base", "https://api.twilio.com"),
+    "STREAMREC_MEDIA_DIR": ("media_dir", Path("./media")),
+    "STREAMREC_TRANSCRIBE_MODEL": ("transcribe_model", "gpt-4o-mini-transcribe"),
+    "STREAMREC_CONCURRENCY": ("concurrency", 16),
+    "STREAMREC_CLAIM_IDLE_MS": ("claim_idle_ms", 60_000),
+    "STREAMREC_MAX_DELIVERIES": ("max_deliveries", 5),
+}
+
+# A non-default value of each variable: variable -> (raw value, field, parsed value).
+OVERRIDES: dict[str, tuple[str, str, Any]] = {
+    "REDIS_URL": ("redis://cache:6380/2", "redis_url", "redis://cache:6380/2"),
+    "DATABASE_URL": ("postgresql://db/rec", "database_url", "postgresql://db/rec"),
+    "TWILIO_ACCOUNT_SID": (ACCOUNT_SID, "twilio_account_sid", ACCOUNT_SID),
+    "STREAMREC_PUBLIC_URL": (
+        "https://hooks.example.com/",
+        "public_url",
+        "https://hooks.example.com",
+    ),
+    "STREAMREC_HTTP_HOST": ("127.0.0.1", "http_host", "127.0.0.1"),
+    "STREAMREC_HTTP_PORT": ("9090", "http_port", 9090),
+    "STREAMREC_TWILIO_API_BASE": ("http://127.0.0.1:1", "twilio_api_base", "http://127.0.0.1:1"),
+    "STREAMREC_MEDIA_DIR": ("/srv/media", "media_dir", Path("/srv/media")),
+    "STREAMREC_TRANSCRIBE_MODEL": ("whisper-1", "transcribe_model", "whisper-1"),
+    "STREAMREC_CONCURRENCY": ("3", "concurrency", 3),
+    "STREAMREC_CLAIM_IDLE_MS": ("5000", "claim_idle_ms", 5000),
+    "STREAMREC_MAX_DELIVERIES": ("9", "max_deliveries", 9),
+    "STREAMREC_NAMESPACE": ("tenant-1", "namespace", "tenant-1"),
+    "STREAMREC_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
+}
+
+
+def variable_names() -> set[str]:
+    """Every variable (and field name) Settings could conceivably read, upper-cased."""
+    names = {field.upper() for field in Settings.model_fields}
+    for field in Settings.model_fields.values():
+        if isinstance(field.validation_alias, str):
+            names.add(field.validation_alias.upper())
+    return names
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """An environment without any streamrec variable, in a directory without .env files."""
+    monkeypatch.chdir(tmp_path)
+    names = variable_names()
+    for name in list(os.environ):
+        if name.upper() in names:
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_match_the_table(env: pytest.MonkeyPatch) -> None:
+    """With nothing configured, every setting has the default the README's table gives."""
+    settings = load_settings()
+    for variable, (field, default) in DEFAULTS.items():
+        assert getattr(settings, field) == default, variable
+    assert settings.twilio_account_sid is None
+    assert settings.twilio_auth_token is None
+    assert not settings.transcription_enabled
+
+
+@pytest.mark.parametrize("variable", list(OVERRIDES))
+def test_variable_is_read_by_its_name(env: pytest.MonkeyPatch, variable: str) -> None:
+    """Each variable of the table sets its setting."""
+    raw, field, parsed = OVERRIDES[variable]
+    env.setenv(variable, raw)
+    assert getattr(load_settings(), field) == parsed
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("HTTP_PORT", "tcp://10.0.0.7:80"),  # what Kubernetes injects for a Service named http
+        ("CONCURRENCY", "3"),
+        ("NAMESPACE", "someone-else"),
+        ("LOG_LEVEL", "debug"),
+        ("PUBLIC_URL", "https://elsewhere.example.com"),
+        ("MEDIA_DIR", "/srv/elsewhere"),
+    ],
+)
+def test_field_names_are_not_variables(env: pytest.MonkeyPatch, variable: str, raw: str) -> None:
+    """Generic variables named like a field (HTTP_PORT, LOG_LEVEL...) are not read."""
+    unset = load_settings()
+    env.setenv(variable, raw)
+    assert load_settings() == unset
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("STREAMREC_CONCURRENCY", "abc"),
+        ("STREAMREC_CONCURRENCY", "0"),
+        ("STREAMREC_HTTP_PORT", "70000"),
+        ("STREAMREC_CLAIM_IDLE_MS", "-5"),
+        ("STREAMREC_MAX_DELIVERIES", "many"),
+        ("STREAMREC_PUBLIC_URL", "hooks.example.com"),
+        ("TWILIO_ACCOUNT_SID", "AC123"),
+        ("STREAMREC_NAMESPACE", "has space"),
+        ("STREAMREC_LOG_FORMAT", "xml"),
+    ],
+)
+def test_bad_value_is_a_config_error_naming_the_variable(
+    env: pytest.MonkeyPatch, variable: str, raw: str
+) -> None:
+    """load_settings raises ConfigError whose message names the offending variable."""
+    env.setenv(variable, raw)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_each_bad_variable_is_named(env: pytest.MonkeyPatch) -> None:
+    """With several bad values, the ConfigError names every one of them."""
+    env.setenv("STREAMREC_CONCURRENCY", "abc")
+    env.setenv("STREAMREC_HTTP_PORT", "port")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "STREAMREC_CONCURRENCY" in str(caught.value)
+    assert "STREAMREC_HTTP_PORT" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("present", "missing"),
+    [
+        ({}, ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"]),
+        ({"TWILIO_AUTH_TOKEN": AUTH_TOKEN}, ["TWILIO_ACCOUNT_SID"]),
+        ({"TWILIO_ACCOUNT_SID": ACCOUNT_SID}, ["TWILIO_AUTH_TOKEN"]),
+        ({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": ""}, ["TWILIO_AUTH_TOKEN"]),
+    ],
+)
+def test_twilio_credentials_name_what_is_missing(
+    env: pytest.MonkeyPatch, present: dict[str, str], missing: list[str]
+) -> None:
+    """twilio_credentials raises ConfigError naming exactly the missing variables."""
+    for name, value in present.items():
+        env.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings().twilio_credentials()
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):
+        assert (name in str(caught.value)) == (name in missing), name
+
+
+def test_twilio_credentials_when_set(env: pytest.MonkeyPatch) -> None:
+    """twilio_credentials returns the account SID and the token in the clear."""
+    env.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    env.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    assert load_settings().twilio_credentials() == (ACCOUNT_SID, AUTH_TOKEN)
+
+
+def test_config_file_in_working_directory_is_read(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """config/streamrec.env in the working directory is read; the environment wins over it."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "streamrec.env").write_text(
+        "STREAMREC_CONCURRENCY=7\nREDIS_URL=redis://from-file:6379/1\n"
+        f"TWILIO_AUTH_TOKEN={AUTH_TOKEN}\n",
+        encoding="utf-8",
+    )
+    settings = load_settings()
+    assert settings.concurrency == 7
+    assert settings.redis_url == "redis://from-file:6379/1"
+    assert settings.twilio_auth_token is not None
+    assert settings.twilio_auth_token.get_secret_value() == AUTH_TOKEN
+
+    env.setenv("STREAMREC_CONCURRENCY", "9")
+    assert load_settings().concurrency == 9
+
+
+def test_bad_value_in_config_file_is_named(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bad value in config/streamrec.env is a ConfigError naming its variable."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "streamrec.env").write_text(
+        "STREAMREC_CLAIM_IDLE_MS=soon\n", encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match="STREAMREC_CLAIM_IDLE_MS"):
+        load_settings()
+
+
+def test_secrets_never_appear_in_repr(env: pytest.MonkeyPatch) -> None:
+    """Neither the auth token nor the OpenAI key appears in repr() or str() of the settings."""
+    env.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    env.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    env.setenv("OPENAI_API_KEY", "sk-very-secret-key")
+    settings = load_settings()
+    for text in (repr(settings), str(settings)):
+        assert AUTH_TOKEN not in text
+        assert "sk-very-secret-key" not in text
+    assert settings.transcription_enabled
