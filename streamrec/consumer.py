@@ -171,8 +171,7 @@ class Consumer:
                     failures = 0
                 except RedisError as exc:
                     failures += 1
-                    log.warning("redis_unavailable", error=describe(exc), failures=failures)
-                    await _wait(stop, min(0.1 * 2**failures, 5.0))
+                    await self._recover(exc, failures)
                     continue
                 if until_idle and not started and not self._inflight:
                     break
@@ -182,6 +181,17 @@ class Consumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
+
+    async def _recover(self, error: RedisError, failures: int) -> None:
+        """Back off after a Redis failure; recreate the group if it vanished."""
+        if isinstance(error, ResponseError) and "NOGROUP" in str(error):
+            # The stream or group is gone: a Redis restarted without persistence.
+            log.warning("group_missing", error=describe(error))
+            with contextlib.suppress(RedisError):
+                await ensure_group(self._redis, self._keys)
+                return
+        log.warning("redis_unavailable", error=describe(error), failures=failures)
+        await _wait(self._stop, min(0.1 * 2**failures, 5.0))
 
     async def _fill(self) -> int:
         """Wait for free slots, then start entries from reclaim or a new read."""

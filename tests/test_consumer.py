@@ -277,9 +277,10 @@ async def test_work_past_the_grace_period_is_left_for_reclaim(
     assert done == [entry_id]
 
 
-async def test_consumer_rides_out_a_redis_restart(tmp_path: Path) -> None:
-    """A consumer keeps going when its Redis is stopped and started again (AOF on)."""
-    server = LocalRedis(tmp_path / "redis", appendonly=True).start()
+@pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
+async def test_consumer_rides_out_a_redis_restart(tmp_path: Path, appendonly: bool) -> None:
+    """A consumer keeps going when its Redis is stopped and started again, data kept or not."""
+    server = LocalRedis(tmp_path / "redis", appendonly=appendonly).start()
     client = redis_client(server.url, block_ms=50)
     keys = Keys("restart")
     seen: list[str] = []
