@@ -38,13 +38,16 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from streamrec import deadletters
+from streamrec.aio import first, wait_set
 from streamrec.keys import Keys
+from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError, RetryPolicy, describe
 
 log = structlog.get_logger("streamrec.consumer")
@@ -65,6 +68,16 @@ for i = 4, #ARGV do
   end
 end
 return out
+"""
+
+
+# Deletes the consumer from the group only if it has no pending entries, so a
+# graceful exit leaves no trace in XINFO CONSUMERS and can never drop work.
+LEAVE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
 """
 
 
@@ -132,13 +145,16 @@ class Consumer:
         handler: Handler,
         config: ConsumerConfig,
         on_dead: DeadHook | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._handler = handler
         self._config = config
         self._on_dead = on_dead
+        self._metrics = metrics or Metrics()
         self._claim_own = redis.register_script(CLAIM_OWN)
+        self._leave_script = redis.register_script(LEAVE)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -180,7 +196,13 @@ class Consumer:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+            await self._leave()
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
+
+    async def _leave(self) -> None:
+        """Remove this consumer from the group if it holds no pending entries."""
+        with contextlib.suppress(RedisError):
+            await self._leave_script(keys=[self._keys.stream], args=[self._keys.group, self.name])
 
     async def _recover(self, error: RedisError, failures: int) -> None:
         """Back off after a Redis failure; recreate the group if it vanished."""
@@ -191,13 +213,13 @@ class Consumer:
                 await ensure_group(self._redis, self._keys)
                 return
         log.warning("redis_unavailable", error=describe(error), failures=failures)
-        await _wait(self._stop, min(0.1 * 2**failures, 5.0))
+        await wait_set(self._stop, min(0.1 * 2**failures, 5.0))
 
     async def _fill(self) -> int:
         """Wait for free slots, then start entries from reclaim or a new read."""
         while len(self._inflight) >= self._config.concurrency:
             self._slot_freed.clear()
-            await _first(self._slot_freed.wait(), self._stop.wait())
+            await first(self._slot_freed.wait(), self._stop.wait())
             if self._stop.is_set():
                 return 0
         free = self._config.concurrency - len(self._inflight)
@@ -209,7 +231,7 @@ class Consumer:
         return len(batch)
 
     async def _read(self, count: int) -> list[Delivery]:
-        reply = await _first(
+        reply = await first(
             self._redis.xreadgroup(
                 self._keys.group,
                 self.name,
@@ -250,6 +272,7 @@ class Consumer:
         if not claimed:
             return []
         counts = await self._delivery_counts([entry_id for entry_id, _ in claimed])
+        self._metrics.reclaimed.inc(len(claimed))
         log.info("entries_reclaimed", count=len(claimed), consumer=self.name)
         return [Delivery(entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in claimed]
 
@@ -264,13 +287,20 @@ class Consumer:
         )
         return {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
+    @property
+    def in_flight(self) -> int:
+        """Entries this consumer is working on now."""
+        return len(self._inflight)
+
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
         self._inflight[delivery.entry_id] = task
+        self._metrics.in_flight.inc()
         task.add_done_callback(lambda _: self._finished(delivery.entry_id))
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
+        self._metrics.in_flight.dec()
         self._slot_freed.set()
 
     async def _process(self, delivery: Delivery) -> None:
@@ -287,9 +317,12 @@ class Consumer:
                     await self._ack(delivery.entry_id)
                 elif isinstance(outcome, GiveUp):
                     await self._dead_letter(delivery, outcome.reason, outcome.attempts)
+                else:
+                    self._metrics.entries.labels("left_pending").inc()
             except Exception as exc:
                 # Redis or the dead-letter hook failed: the entry stays pending
                 # and is reclaimed once idle.
+                self._metrics.entries.labels("left_pending").inc()
                 log.error("entry_left_pending", error=describe(exc))
 
     async def _attempts(self, delivery: Delivery) -> Outcome:
@@ -308,7 +341,8 @@ class Consumer:
                 log.warning(
                     "attempt_failed", error=reason, attempt=delivery.deliveries, retry_in_s=delay
                 )
-                if await _wait(self._stop, delay):
+                self._metrics.retries.inc()
+                if await wait_set(self._stop, delay):
                     return ABANDON
                 count = await self._claim_own(
                     keys=[self._keys.stream],
@@ -327,26 +361,26 @@ class Consumer:
             pipe.xdel(self._keys.stream, entry_id)
             await pipe.execute()
         self.processed += 1
+        self._metrics.entries.labels("completed").inc()
 
     async def _dead_letter(self, delivery: Delivery, reason: str, attempts: int = 0) -> None:
         """Record the failure with the handler's hook, then move the entry atomically."""
         attempts = attempts or delivery.deliveries
         if self._on_dead is not None:
             await self._on_dead(delivery, reason)
-        fields: dict[str, str] = {
-            **delivery.fields,
-            "error": reason,
-            "attempts": str(attempts),
-            "origin_id": delivery.entry_id,
-            "consumer": self.name,
-            "failed_at": str(int(time.time() * 1000)),
-        }
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._keys.dead, fields)  # type: ignore[arg-type]
-            pipe.xack(self._keys.stream, self._keys.group, delivery.entry_id)
-            pipe.xdel(self._keys.stream, delivery.entry_id)
+            deadletters.add_move(
+                pipe,
+                self._keys,
+                entry_id=delivery.entry_id,
+                fields=delivery.fields,
+                error=reason,
+                attempts=attempts,
+                consumer=self.name,
+            )
             await pipe.execute()
         self.dead_lettered += 1
+        self._metrics.entries.labels("dead_lettered").inc()
         log.error("entry_dead_lettered", error=reason, attempts=attempts)
 
     async def _renew_forever(self) -> None:
@@ -388,26 +422,3 @@ class Consumer:
 def _id_key(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``event``; True if it was set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
-    return event.is_set()
-
-
-async def _first(work: Awaitable[Any], stop: Awaitable[Any]) -> Any:
-    """Await ``work`` unless ``stop`` finishes first; then cancel it and return None."""
-    work_task = asyncio.ensure_future(work)
-    stop_task = asyncio.ensure_future(stop)
-    try:
-        await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work_task
-    return None

@@ -40,3 +40,12 @@ class Keys:
     def seen(self, recording_sid: str) -> str:
         """Dedupe marker of one recording: holds the stream entry id it was added as."""
         return f"{self._tag}:seen:{recording_sid}"
+
+    def heartbeat(self, consumer: str) -> str:
+        """A consumer's heartbeat: JSON about the process, expiring unless renewed."""
+        return f"{self._tag}:heartbeat:{consumer}"
+
+    @property
+    def heartbeat_pattern(self) -> str:
+        """SCAN pattern matching every consumer heartbeat of this namespace."""
+        return f"{self._tag}:heartbeat:*"

@@ -12,6 +12,7 @@ import structlog
 
 from streamrec.consumer import Delivery
 from streamrec.events import InvalidEvent, RecordingEvent
+from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError
 from streamrec.store import Store
 from streamrec.transcribe import Transcriber
@@ -24,11 +25,17 @@ class RecordingPipeline:
     """Handler for recording events; also the consumer's dead-letter hook."""
 
     def __init__(
-        self, *, store: Store, media: MediaClient, transcriber: Transcriber | None
+        self,
+        *,
+        store: Store,
+        media: MediaClient,
+        transcriber: Transcriber | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._media = media
         self._transcriber = transcriber
+        self._metrics = metrics or Metrics()
 
     async def __call__(self, delivery: Delivery) -> None:
         """Take one recording as far as it goes; returns once the row is final."""
@@ -40,19 +47,25 @@ class RecordingPipeline:
         await self._run(event, delivery)
 
     async def _run(self, event: RecordingEvent, delivery: Delivery) -> None:
-        progress = await self._store.begin(event, entry_id=delivery.entry_id)
+        stage = self._metrics.stage
+        with stage("store"):
+            progress = await self._store.begin(event, entry_id=delivery.entry_id)
         if progress.status == "completed":
             log.info("recording_already_done")
             return
         path = self._media.path_for(event)
         if progress.audio_path is None or not path.exists():
-            path, size = await self._media.download(event)
-            await self._store.downloaded(event.recording_sid, path=str(path), size=size)
-        transcript = None
+            with stage("download"):
+                path, size = await self._media.download(event)
+            with stage("store"):
+                await self._store.downloaded(event.recording_sid, path=str(path), size=size)
+        transcript = model = None
         if self._transcriber is not None and progress.transcript is None:
-            transcript = await self._transcriber.transcribe(path)
-        model = self._transcriber.model if transcript is not None and self._transcriber else None
-        await self._store.completed(event.recording_sid, transcript=transcript, model=model)
+            with stage("transcribe"):
+                transcript = await self._transcriber.transcribe(path)
+            model = self._transcriber.model
+        with stage("store"):
+            await self._store.completed(event.recording_sid, transcript=transcript, model=model)
         log.info("recording_completed", attempt=delivery.deliveries)
 
     async def dead(self, delivery: Delivery, reason: str) -> None:

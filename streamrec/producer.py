@@ -8,6 +8,8 @@ in one atomic call.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
 from streamrec.keys import Keys
+from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
 
 log = structlog.get_logger("streamrec.producer")
 
@@ -47,8 +50,12 @@ class WebhookConfig:
     max_body_bytes: int = 64 * 1024
 
 
+ReadinessCheck = Callable[[], Awaitable[None]]
+"""Raises when a dependency is not usable; named in /readyz's answer."""
+
 REDIS_KEY: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
 CONFIG_KEY: web.AppKey[WebhookConfig] = web.AppKey("config", WebhookConfig)
+CHECKS_KEY: web.AppKey[dict[str, ReadinessCheck]] = web.AppKey("checks", dict)
 
 
 class Enqueuer:
@@ -73,14 +80,28 @@ class Enqueuer:
 ENQUEUER_KEY: web.AppKey[Enqueuer] = web.AppKey("enqueuer", Enqueuer)
 
 
-def create_app(redis: aioredis.Redis, config: WebhookConfig) -> web.Application:
-    """The webhook app, using ``redis`` (owned by the caller)."""
+def create_app(
+    redis: aioredis.Redis,
+    config: WebhookConfig,
+    *,
+    metrics: Metrics | None = None,
+    checks: dict[str, ReadinessCheck] | None = None,
+) -> web.Application:
+    """The webhook app, using ``redis`` (owned by the caller).
+
+    ``checks`` are the dependencies /readyz reports besides Redis (PostgreSQL
+    in ``serve``).
+    """
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REDIS_KEY] = redis
     app[CONFIG_KEY] = config
     app[ENQUEUER_KEY] = Enqueuer(redis, config.keys, dedupe_ttl_s=config.dedupe_ttl_s)
+    app[METRICS_KEY] = metrics or Metrics()
+    app[CHECKS_KEY] = {"redis": lambda: _ping(redis), **(checks or {})}
     app.router.add_post(WEBHOOK_PATH, recording_callback)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app
 
 
@@ -89,13 +110,50 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _reject(status: int, reason: str, **context: str) -> web.Response:
+async def readyz(request: web.Request) -> web.Response:
+    """200 when every dependency answers within 2 s, else 503 naming the failures."""
+    results: dict[str, str] = {}
+    for name, check in request.app[CHECKS_KEY].items():
+        try:
+            await asyncio.wait_for(check(), 2.0)
+            results[name] = "ok"
+        except Exception as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"[:200]
+    ready = all(value == "ok" for value in results.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": results},
+        status=200 if ready else 503,
+    )
+
+
+async def _ping(redis: aioredis.Redis) -> None:
+    await redis.ping()
+
+
+REJECTED = {400: "invalid", 403: "forbidden", 413: "too_large"}
+
+
+Answer = tuple[str, web.Response]
+"""A response and its outcome, the label of the webhook counter."""
+
+
+def _answer(outcome: str, body: dict[str, str], status: int = 200, **headers: str) -> Answer:
+    return outcome, web.json_response(body, status=status, headers=headers or None)
+
+
+def _reject(status: int, reason: str, **context: str) -> Answer:
     log.warning("webhook_rejected", status=status, reason=reason, **context)
-    return web.json_response({"error": reason}, status=status)
+    return _answer(REJECTED[status], {"error": reason}, status)
 
 
 async def recording_callback(request: web.Request) -> web.Response:
     """POST /twilio/recording?business_id=...: verify, validate, enqueue."""
+    outcome, response = await _callback(request)
+    request.app[METRICS_KEY].webhooks.labels(outcome).inc()
+    return response
+
+
+async def _callback(request: web.Request) -> Answer:
     config = request.app[CONFIG_KEY]
     if request.content_length is not None and request.content_length > config.max_body_bytes:
         return _reject(413, "body too large")
@@ -112,7 +170,7 @@ async def recording_callback(request: web.Request) -> web.Response:
         log.info(
             "webhook_ignored", recording_status=status, recording_sid=params.get("RecordingSid")
         )
-        return web.json_response({"status": "ignored", "recording_status": status})
+        return _answer("ignored", {"status": "ignored", "recording_status": status})
     try:
         event = _event(params, request.query.get("business_id", ""))
     except InvalidEvent as exc:
@@ -122,7 +180,7 @@ async def recording_callback(request: web.Request) -> web.Response:
 
 def _verify(
     request: web.Request, form: Any, params: dict[str, str], config: WebhookConfig
-) -> web.Response | None:
+) -> Answer | None:
     """403 unless the signature verifies over the public URL and the account is ours."""
     url = config.public_url + request.path_qs
     validator = RequestValidator(config.auth_token)
@@ -153,15 +211,14 @@ def _event(params: dict[str, str], business_id: str) -> RecordingEvent:
     )
 
 
-async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> web.Response:
+async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> Answer:
     context = {"recording_sid": event.recording_sid, "business_id": event.business_id}
     try:
         added, entry_id = await enqueuer.enqueue(event)
     except (RedisError, OSError) as exc:
         log.error("webhook_enqueue_failed", error=str(exc), **context)
-        return web.json_response(
-            {"error": "queue unavailable, retry later"}, status=503, headers={"Retry-After": "5"}
-        )
+        return _answer("unavailable", {"error": "queue unavailable, retry later"}, 503,
+                       **{"Retry-After": "5"})  # fmt: skip
     log.info(
         "webhook_enqueued" if added else "webhook_duplicate",
         entry_id=entry_id,
@@ -169,4 +226,5 @@ async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> web.Response:
         call_sid=event.call_sid,
         **context,
     )
-    return web.json_response({"status": "queued" if added else "duplicate", "entry_id": entry_id})
+    outcome = "queued" if added else "duplicate"
+    return _answer(outcome, {"status": outcome, "entry_id": entry_id})

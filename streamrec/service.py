@@ -23,8 +23,10 @@ from redis.exceptions import ConnectionError, TimeoutError
 from streamrec import store
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.keys import Keys
+from streamrec.metrics import Metrics, metrics_app
+from streamrec.monitor import Monitor
 from streamrec.pipeline import RecordingPipeline
-from streamrec.producer import WebhookConfig, create_app
+from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
 from streamrec.retry import RetryPolicy
 from streamrec.settings import Settings
 from streamrec.transcribe import Transcriber
@@ -91,84 +93,134 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
     )
 
 
-async def consume(settings: Settings, stop: asyncio.Event, *, until_idle: bool = False) -> None:
-    """Run one consumer of the recording pipeline until ``stop`` (or idle)."""
-    account_sid, auth_token = settings.twilio_credentials()
+async def consume(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    until_idle: bool = False,
+    metrics: Metrics | None = None,
+    serve_metrics: bool = True,
+) -> None:
+    """Run one consumer of the recording pipeline until ``stop`` (or idle).
+
+    Beside it run its monitor (heartbeat, gauges, progress line) and, when
+    ``serve_metrics`` and ``STREAMREC_METRICS_PORT`` is not 0, a /metrics server.
+    """
     await store.migrate(settings.database_url)
-    timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s, sock_connect=10)
+    metrics = metrics or Metrics()
+    keys = Keys(settings.namespace)
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
-        pool = await stack.enter_async_context(open_pool(settings))
-        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
-        transcriber = None
-        if settings.transcription_enabled:
-            assert settings.openai_api_key is not None  # noqa: S101 - transcription_enabled says so
-            client = openai.AsyncOpenAI(
-                api_key=settings.openai_api_key.get_secret_value(),
-                base_url=settings.openai_base_url,
-                max_retries=0,  # retries are the consumer's, counted as deliveries
-                timeout=settings.http_timeout_s * 5,
-            )
-            await stack.enter_async_context(client)
-            transcriber = Transcriber(client=client, model=settings.transcribe_model)
-        else:
-            log.warning("transcription_disabled", reason="OPENAI_API_KEY is not set")
-        pipeline = RecordingPipeline(
-            store=store.Store(pool),
-            media=MediaClient(
-                session=session,
-                api_base=settings.twilio_api_base,
-                account_sid=account_sid,
-                auth_token=auth_token,
-                media_dir=settings.media_dir,
-                max_bytes=settings.media_max_bytes,
-            ),
-            transcriber=transcriber,
-        )
+        pipeline = await _pipeline(settings, stack, metrics)
         consumer = Consumer(
             redis=redis,
-            keys=Keys(settings.namespace),
+            keys=keys,
             handler=pipeline,
             config=consumer_config(settings),
             on_dead=pipeline.dead,
+            metrics=metrics,
         )
-        await consumer.run(stop, until_idle=until_idle)
-
-
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve the webhook until ``stop``; in-flight requests finish before it returns."""
-    account_sid, auth_token = settings.twilio_credentials()
-    async with open_redis(settings) as redis:
-        app = create_app(
-            redis,
-            WebhookConfig(
-                account_sid=account_sid,
-                auth_token=auth_token,
-                public_url=settings.public_url,
-                keys=Keys(settings.namespace),
-                dedupe_ttl_s=settings.dedupe_ttl_s,
-                max_body_bytes=settings.max_body_bytes,
-            ),
+        monitor = Monitor(
+            redis=redis,
+            keys=keys,
+            consumer=consumer,
+            metrics=metrics,
+            interval_s=settings.heartbeat_s,
+            progress_s=settings.progress_s,
         )
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, settings.http_host, settings.http_port)
-            await site.start()
-            log.info(
-                "webhook_listening",
-                host=settings.http_host,
-                port=settings.http_port,
-                public_url=settings.public_url,
+        if serve_metrics and settings.metrics_port:
+            await stack.enter_async_context(
+                _listening(metrics_app(metrics), settings.http_host, settings.metrics_port)
             )
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+        monitor_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(monitor.run(monitor_stop))
+            try:
+                await consumer.run(stop, until_idle=until_idle)
+            finally:
+                monitor_stop.set()
+
+
+async def _pipeline(
+    settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics
+) -> RecordingPipeline:
+    """The recording pipeline with its clients, which ``stack`` closes."""
+    account_sid, auth_token = settings.twilio_credentials()
+    pool = await stack.enter_async_context(open_pool(settings))
+    timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s, sock_connect=10)
+    session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+    transcriber = None
+    if settings.openai_api_key is not None and settings.transcription_enabled:
+        client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            max_retries=0,  # retries are the consumer's, counted as deliveries
+            timeout=settings.http_timeout_s * 5,
+        )
+        await stack.enter_async_context(client)
+        transcriber = Transcriber(client=client, model=settings.transcribe_model)
+    else:
+        log.warning("transcription_disabled", reason="OPENAI_API_KEY is not set")
+    media = MediaClient(
+        session=session,
+        api_base=settings.twilio_api_base,
+        account_sid=account_sid,
+        auth_token=auth_token,
+        media_dir=settings.media_dir,
+        max_bytes=settings.media_max_bytes,
+    )
+    return RecordingPipeline(
+        store=store.Store(pool), media=media, transcriber=transcriber, metrics=metrics
+    )
+
+
+@contextlib.asynccontextmanager
+async def _listening(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+    """Serve ``app`` on host:port for the duration of the block."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("listening", host=host, port=port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, metrics: Metrics | None = None) -> None:
+    """Serve the webhook until ``stop``; in-flight requests finish before it returns.
+
+    PostgreSQL is not needed to accept callbacks; a pool that opens no
+    connection until asked serves /readyz.
+    """
+    account_sid, auth_token = settings.twilio_credentials()
+    config = WebhookConfig(
+        account_sid=account_sid,
+        auth_token=auth_token,
+        public_url=settings.public_url,
+        keys=Keys(settings.namespace),
+        dedupe_ttl_s=settings.dedupe_ttl_s,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(open_redis(settings))
+        pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+        stack.push_async_callback(pool.close)
+
+        async def database() -> None:
+            async with pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1", timeout=2)
+
+        app = create_app(redis, config, metrics=metrics, checks={"postgres": database})
+        await stack.enter_async_context(_listening(app, settings.http_host, settings.http_port))
+        log.info("webhook_ready", public_url=settings.public_url + WEBHOOK_PATH)
+        await stop.wait()
 
 
 async def run_all(settings: Settings, stop: asyncio.Event) -> None:
-    """The webhook and one consumer in this process; either failing stops both."""
+    """The webhook and one consumer in this process, one /metrics; either failing stops both."""
     settings.twilio_credentials()
+    metrics = Metrics()
     async with asyncio.TaskGroup() as group:
-        group.create_task(serve(settings, stop))
-        group.create_task(consume(settings, stop))
+        group.create_task(serve(settings, stop, metrics=metrics))
+        group.create_task(consume(settings, stop, metrics=metrics, serve_metrics=False))

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     block_ms: int = Field(2_000, validation_alias="STREAMREC_BLOCK_MS", ge=1)
     max_body_bytes: int = Field(64 * 1024, validation_alias="STREAMREC_MAX_BODY_BYTES", ge=1024)
     dedupe_ttl_s: int = Field(7 * 24 * 3600, validation_alias="STREAMREC_DEDUPE_TTL_S", ge=60)
+    metrics_port: int = Field(9100, validation_alias="STREAMREC_METRICS_PORT", ge=0, le=65535)
+    heartbeat_s: float = Field(5.0, validation_alias="STREAMREC_HEARTBEAT_S", gt=0)
+    progress_s: float = Field(30.0, validation_alias="STREAMREC_PROGRESS_S", ge=0)
     namespace: str = Field(
         "streamrec", validation_alias="STREAMREC_NAMESPACE", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
     )

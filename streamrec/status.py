@@ -1,10 +1,11 @@
 """A read-only summary of the stream, its group, consumers and dead letters.
 
-Uses only XINFO, XPENDING and XLEN, so it never disturbs a live system.
+Uses only XINFO, XPENDING, XLEN, SCAN and MGET, so it never disturbs a live system.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -13,15 +14,25 @@ from redis.exceptions import ResponseError
 
 from streamrec.keys import Keys
 
+PER_CONSUMER_SCAN = 1000  # pending entries read per consumer to find its oldest idle one
 
-async def collect(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
-    """The status document: stream length, lag, pending per consumer, dead letters."""
+
+async def collect(redis: aioredis.Redis, keys: Keys, *, detail: bool = True) -> dict[str, Any]:
+    """The status document: stream length, lag, pending, consumers, dead letters.
+
+    ``detail=False`` skips the per-consumer part (what the consumer's own
+    monitor samples every few seconds).
+    """
     now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.stream)
+        pipe.xlen(keys.dead)
+        length, dead = await pipe.execute()
     report: dict[str, Any] = {
         "stream": keys.stream,
         "group": keys.group,
-        "length": await redis.xlen(keys.stream),
-        "dead_letters": await redis.xlen(keys.dead),
+        "length": length,
+        "dead_letters": dead,
         "lag": None,
         "pending": 0,
         "last_delivered_id": None,
@@ -30,31 +41,76 @@ async def collect(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
         "consumers": [],
         "collected_at_ms": now_ms,
     }
+    group = await _group(redis, keys)
+    if group is not None:
+        report["lag"] = group.get("lag")
+        report["pending"] = group["pending"]
+        report["last_delivered_id"] = group["last-delivered-id"]
+        if group["pending"]:
+            oldest = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
+            if oldest:
+                report["oldest_pending_id"] = oldest[0]["message_id"]
+                report["oldest_pending_idle_ms"] = oldest[0]["time_since_delivered"]
+    if detail:
+        report["consumers"] = await _consumers(redis, keys, group is not None, now_ms)
+    return report
+
+
+async def _group(redis: aioredis.Redis, keys: Keys) -> dict[str, Any] | None:
     try:
         groups = await redis.xinfo_groups(keys.stream)
     except ResponseError:
-        return report  # no stream yet
-    group = next((g for g in groups if g["name"] == keys.group), None)
-    if group is None:
-        return report
-    report["lag"] = group.get("lag")
-    report["pending"] = group["pending"]
-    report["last_delivered_id"] = group["last-delivered-id"]
-    if group["pending"]:
-        oldest = await redis.xpending_range(keys.stream, keys.group, min="-", max="+", count=1)
-        if oldest:
-            report["oldest_pending_id"] = oldest[0]["message_id"]
-            report["oldest_pending_idle_ms"] = oldest[0]["time_since_delivered"]
-    for consumer in await redis.xinfo_consumers(keys.stream, keys.group):
-        report["consumers"].append(
-            {
-                "name": consumer["name"],
-                "pending": consumer["pending"],
-                "idle_ms": consumer["idle"],
-                "last_seen_ms_ago": consumer.get("inactive", consumer["idle"]),
+        return None  # no stream yet
+    return next((g for g in groups if g["name"] == keys.group), None)
+
+
+async def _consumers(
+    redis: aioredis.Redis, keys: Keys, has_group: bool, now_ms: int
+) -> list[dict[str, Any]]:
+    """Group members merged with live heartbeats, by consumer name."""
+    found: dict[str, dict[str, Any]] = {}
+    if has_group:
+        for member in await redis.xinfo_consumers(keys.stream, keys.group):
+            found[member["name"]] = {
+                "name": member["name"],
+                "pending": member["pending"],
+                "idle_ms": member["idle"],
+                "oldest_pending_idle_ms": await _oldest_idle(redis, keys, member),
+                "heartbeat": None,
+                "last_seen_ms_ago": member.get("inactive", member["idle"]),
             }
+    for beat in await heartbeats(redis, keys):
+        entry = found.setdefault(
+            beat["name"],
+            {"name": beat["name"], "pending": 0, "idle_ms": None, "oldest_pending_idle_ms": None},
         )
-    return report
+        entry["heartbeat"] = beat
+        entry["last_seen_ms_ago"] = max(now_ms - int(beat.get("at_ms", now_ms)), 0)
+    return sorted(found.values(), key=lambda c: str(c["name"]))
+
+
+async def _oldest_idle(redis: aioredis.Redis, keys: Keys, member: dict[str, Any]) -> int | None:
+    if not member["pending"]:
+        return None
+    entries = await redis.xpending_range(
+        keys.stream, keys.group, "-", "+", PER_CONSUMER_SCAN, consumername=member["name"]
+    )
+    return max((int(e["time_since_delivered"]) for e in entries), default=None)
+
+
+async def heartbeats(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """The live consumers' heartbeats (expired ones are gone)."""
+    names = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern, count=500)]
+    if not names:
+        return []
+    beats = []
+    for raw in await redis.mget(names):
+        if raw:
+            try:
+                beats.append(json.loads(raw))
+            except ValueError:
+                continue
+    return beats
 
 
 def render(report: dict[str, Any]) -> str:
@@ -68,10 +124,14 @@ def render(report: dict[str, Any]) -> str:
     if report["consumers"]:
         lines.append("  consumers:")
         for c in report["consumers"]:
-            seen = _age(c["last_seen_ms_ago"])
-            lines.append(f"    {c['name']:<40} pending {c['pending']:<6} last seen {seen} ago")
+            alive = "alive" if c.get("heartbeat") else "no heartbeat"
+            lines.append(
+                f"    {c['name']:<36} pending {c['pending']:<6}"
+                f" oldest idle {_age(c['oldest_pending_idle_ms']):<8}"
+                f" last seen {_age(c['last_seen_ms_ago'])} ago ({alive})"
+            )
     else:
-        lines.append("  no consumers have joined the group")
+        lines.append("  no consumers")
     return "\n".join(lines)
 
 

@@ -167,6 +167,8 @@ def settings(
         retry_base_ms=10,
         retry_max_ms=50,
         shutdown_grace_s=5,
+        metrics_port=0,
+        heartbeat_s=0.2,
         _env_file=None,
     )
 

@@ -24,6 +24,8 @@ ENV_OF = {
     "retry_max_ms": "STREAMREC_RETRY_MAX_MS",
     "max_deliveries": "STREAMREC_MAX_DELIVERIES",
     "shutdown_grace_s": "STREAMREC_SHUTDOWN_GRACE_S",
+    "metrics_port": "STREAMREC_METRICS_PORT",
+    "heartbeat_s": "STREAMREC_HEARTBEAT_S",
 }
 
 

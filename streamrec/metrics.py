@@ -1,0 +1,98 @@
+"""Prometheus metrics, one registry per process (no module-level global registry).
+
+Served as ``GET /metrics`` by the webhook app and by each consumer on its own
+port (``STREAMREC_METRICS_PORT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metrics of one process; components take it and record into it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.webhooks = Counter(
+            "streamrec_webhooks", "Webhook requests by outcome.", ["outcome"], registry=r
+        )
+        self.entries = Counter(
+            "streamrec_entries",
+            "Stream entries finished by this process, by outcome "
+            "(completed, dead_lettered, left_pending).",
+            ["outcome"],
+            registry=r,
+        )
+        self.retries = Counter("streamrec_retries", "Attempts retried after a failure.", registry=r)
+        self.reclaimed = Counter(
+            "streamrec_reclaimed", "Entries taken over from idle consumers.", registry=r
+        )
+        self.stage_seconds = Histogram(
+            "streamrec_stage_seconds",
+            "Time spent per pipeline stage.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "streamrec_in_flight", "Entries in work in this process.", registry=r
+        )
+        self.pending = Gauge(
+            "streamrec_pending_entries", "Entries delivered and not yet acked (whole group).",
+            registry=r,
+        )  # fmt: skip
+        self.oldest_pending_age = Gauge(
+            "streamrec_oldest_pending_age_seconds",
+            "Idle time of the oldest pending entry (whole group).",
+            registry=r,
+        )
+        self.lag = Gauge("streamrec_lag_entries", "Entries not yet delivered to any consumer.",
+                         registry=r)  # fmt: skip
+        self.dead_letters = Gauge(
+            "streamrec_dead_letters", "Entries in the dead-letter stream.", registry=r
+        )
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as pipeline stage ``name`` (whether it succeeds or not)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics."""
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """A small app serving /metrics and /healthz, for consumer processes."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/healthz", _alive)
+    return app
+
+
+async def _alive(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
