@@ -1,4 +1,4 @@
-"""Command line: python -m streamrec {serve,consume,run,migrate,status,dev}."""
+"""Command line: python -m streamrec COMMAND (see --help); nothing else lives here."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamrec import devrun, service, status, store
+from streamrec import deadletters, devrun, health, service, simulate, status, store
 from streamrec import logging as logs
 from streamrec.keys import Keys
 from streamrec.settings import ConfigError, Settings, load_settings
@@ -33,15 +34,21 @@ CONSUMER = (
 )
 
 COMMANDS = {
-    "serve": ("serve the Twilio webhook (POST /twilio/recording, GET /healthz)", WEBHOOK),
+    "serve": ("serve the Twilio webhook (/twilio/recording, /healthz, /readyz, /metrics)", WEBHOOK),
     "consume": ("run one consumer-group worker; run as many replicas as you like", CONSUMER),
     "run": ("serve the webhook and run one consumer in this process", f"{WEBHOOK}, {CONSUMER}"),
-    "migrate": ("create or upgrade the PostgreSQL schema (idempotent)", "DATABASE_URL"),
-    "status": ("summarise stream length, lag, pending entries, consumers, dead letters", ""),
     "dev": (
         "serve and consume on this machine, starting local Redis/PostgreSQL if none answer",
         f"{WEBHOOK}, {CONSUMER}",
     ),
+    "migrate": ("create or upgrade the PostgreSQL schema (idempotent)", "DATABASE_URL"),
+    "status": ("summarise length, lag, pending entries, consumers and dead letters", ""),
+    "check": ("exit 0 if Redis answers and a consumer heartbeat is fresh, else 1", ""),
+    "simulate": (
+        "post RecordingStatusCallbacks signed with the configured token",
+        "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_PUBLIC_URL",
+    ),
+    "dlq": ("list, replay or purge dead letters", ""),
 }
 
 
@@ -52,18 +59,45 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Settings come from the environment, .env or config/streamrec.env; see README.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, (summary, reads) in COMMANDS.items():
         settings = ", ".join(s for s in (reads, COMMON) if s)
-        cmd = sub.add_parser(name, help=summary, description=summary, epilog=f"Reads: {settings}.")
-        if name == "consume":
-            cmd.add_argument(
-                "--until-idle",
-                action="store_true",
-                help="exit once nothing is left to read or reclaim",
-            )
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="print one JSON document")
+        commands[name] = sub.add_parser(
+            name, help=summary, description=summary, epilog=f"Reads: {settings}."
+        )
+    commands["consume"].add_argument(
+        "--until-idle", action="store_true", help="exit once nothing is left to read or reclaim"
+    )
+    commands["status"].add_argument("--json", action="store_true", help="print one JSON document")
+    check = commands["check"].add_mutually_exclusive_group()
+    check.add_argument("--consumer", metavar="NAME", help="this consumer's heartbeat must be fresh")
+    check.add_argument(
+        "--this-host", action="store_true", help="a heartbeat from a consumer on this host"
+    )
+    sim = commands["simulate"]
+    sim.add_argument("--business-id", default="1", help="tenant in the callback URL (default 1)")
+    sim.add_argument("--status", default="completed", help="RecordingStatus (default completed)")
+    sim.add_argument("--count", type=int, default=1, help="how many callbacks (default 1)")
+    sim.add_argument("--recording-sid", help="use this RecordingSid instead of a random one")
+    sim.add_argument(
+        "--url", help="post here instead of STREAMREC_PUBLIC_URL (still signed over it)"
+    )
+    _dlq_parser(commands["dlq"])
     return parser
+
+
+def _dlq_parser(dlq: argparse.ArgumentParser) -> None:
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="show dead letters, oldest first")
+    listing.add_argument("--count", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    replay = actions.add_parser("replay", help="put dead letters back on the stream to run again")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead-letter ids")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    purge = actions.add_parser("purge", help="delete dead letters (all, or the given ids)")
+    purge.add_argument("ids", nargs="*", metavar="ID", help="only these dead-letter ids")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "migrate":
-        applied = await store.migrate(settings.database_url)
-        print(f"migrations applied: {applied or 'none (up to date)'}")
-        return 0
-    if args.command == "status":
-        return await _status(settings, as_json=args.json)
+    tools: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {
+        "migrate": _migrate,
+        "status": _status,
+        "check": _check,
+        "simulate": _simulate,
+        "dlq": _dlq,
+    }
+    if args.command in tools:
+        return await tools[args.command](args, settings)
     runners: dict[str, Callable[[asyncio.Event], Awaitable[None]]] = {
         "serve": lambda stop: service.serve(settings, stop),
         "consume": lambda stop: service.consume(settings, stop, until_idle=args.until_idle),
@@ -103,10 +140,80 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _status(settings: Settings, *, as_json: bool) -> int:
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    applied = await store.migrate(settings.database_url)
+    print(f"migrations applied: {applied or 'none (up to date)'}")
+    return 0
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with service.open_redis(settings) as redis:
         report = await status.collect(redis, Keys(settings.namespace))
-    print(json.dumps(report, indent=2) if as_json else status.render(report))
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return 0
+
+
+async def _check(args: argparse.Namespace, settings: Settings) -> int:
+    async with service.open_redis(settings) as redis:
+        healthy, why = await health.check(
+            redis, Keys(settings.namespace), consumer=args.consumer, this_host=args.this_host
+        )
+    print(why, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
+async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        account_sid, token = settings.twilio_credentials()
+    else:
+        account_sid, token = devrun.DEV_ACCOUNT_SID, devrun.DEV_AUTH_TOKEN
+        print("no Twilio credentials set: signing as the development account", file=sys.stderr)
+    posted = await simulate.post_callbacks(
+        account_sid=account_sid,
+        auth_token=token,
+        public_url=settings.public_url,
+        post_to=args.url,
+        business_id=args.business_id,
+        status=args.status,
+        count=args.count,
+        recording_sid=args.recording_sid,
+    )
+    for answer in posted:
+        print(f"{answer.recording_sid} {answer.status} {answer.body}")
+    return 0 if all(200 <= a.status < 300 for a in posted) else 1
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    keys = Keys(settings.namespace)
+    async with service.open_redis(settings) as redis:
+        if args.action == "list":
+            letters = await deadletters.listing(redis, keys, count=args.count)
+            print(deadletters.render(letters, as_json=args.json))
+            return 0
+        if args.action == "replay":
+            if args.all:
+                print(f"replayed {await deadletters.replay_all(redis, keys)}")
+                return 0
+            moved = await deadletters.replay(redis, keys, args.ids)
+            for old, new in moved.items():
+                print(f"{old} -> {new}" if new else f"{old}: no such dead letter")
+            return 0 if all(moved.values()) else 1
+        return await _purge(redis, keys, args)
+
+
+async def _purge(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
+    what = str(len(args.ids)) if args.ids else f"all {await redis.xlen(keys.dead)}"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("streamrec: dlq purge deletes for good; confirm with --yes", file=sys.stderr)
+            return 2
+        answer = await asyncio.to_thread(
+            input, f"Delete {what} dead letters of {keys.dead}? [y/N] "
+        )
+        if answer.strip().lower() not in {"y", "yes"}:
+            print("nothing deleted")
+            return 1
+    print(f"deleted {await deadletters.purge(redis, keys, args.ids or None)}")
     return 0
 
 

@@ -9,9 +9,11 @@ streams and never in neither.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -130,3 +132,20 @@ async def purge(redis: aioredis.Redis, keys: Keys, ids: list[str] | None = None)
     count = int(await redis.xlen(keys.dead))
     await redis.delete(keys.dead)
     return count
+
+
+def render(letters: list[DeadLetter], *, as_json: bool = False) -> str:
+    """Dead letters for a person (one block each) or as one JSON document."""
+    if as_json:
+        return json.dumps([asdict(letter) for letter in letters], indent=2)
+    if not letters:
+        return "no dead letters"
+    blocks = []
+    for letter in letters:
+        when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC).isoformat(timespec="seconds")
+        fields = " ".join(f"{k}={v}" for k, v in letter.fields.items())
+        blocks.append(
+            f"{letter.id}  failed {when}  attempts {letter.attempts}  consumer {letter.consumer}\n"
+            f"  error: {letter.error}\n  fields: {fields}"
+        )
+    return "\n".join(blocks)

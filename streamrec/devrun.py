@@ -4,7 +4,8 @@ Uses the Redis and PostgreSQL that REDIS_URL and DATABASE_URL name, or that
 answer on the default ports. When neither is configured nor answering, it
 starts its own servers with their data under ``.dev/`` (Redis with AOF on),
 and stops them again on exit. Without Twilio credentials it uses a local
-development account, so signed test callbacks work out of the box.
+development account and serves that account's recordings itself (a second of
+silent mp3 each), so ``streamrec simulate`` goes all the way to a completed row.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 from pydantic import SecretStr
 
 from streamrec import service
-from streamrec.devservers import LocalPostgres, LocalRedis, answers
+from streamrec.devservers import LocalPostgres, LocalRedis, answers, free_port
 from streamrec.settings import Settings
 
 log = structlog.get_logger("streamrec.dev")
@@ -60,13 +62,41 @@ def local_servers(settings: Settings, directory: Path) -> Iterator[Settings]:
             server.stop()
 
 
+# One second of silence: 38 MPEG-1 Layer III frames (128 kbit/s, 44.1 kHz) of 417 bytes.
+SILENCE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + (b"\xff\xfb\x90\x00" + bytes(413)) * 38
+
+
+async def _silence(request: web.Request) -> web.Response:
+    return web.Response(body=SILENCE_MP3, content_type="audio/mpeg")
+
+
+@contextlib.asynccontextmanager
+async def dev_media(settings: Settings) -> AsyncIterator[Settings]:
+    """For the development account, serve its recordings locally and point the API base there."""
+    if settings.twilio_account_sid != DEV_ACCOUNT_SID:
+        yield settings
+        return
+    app = web.Application()
+    app.router.add_get(f"/2010-04-01/Accounts/{DEV_ACCOUNT_SID}/Recordings/{{sid}}.mp3", _silence)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield settings.model_copy(update={"twilio_api_base": f"http://127.0.0.1:{port}"})
+    finally:
+        await runner.cleanup()
+
+
 async def run(settings: Settings, stop: asyncio.Event, directory: Path) -> None:
     """Run webhook and consumer against working servers until ``stop``."""
-    with local_servers(settings, directory) as ready:
-        log.info(
-            "dev_ready",
-            webhook=f"http://127.0.0.1:{ready.http_port}/twilio/recording?business_id=1",
-            redis=ready.redis_url,
-            database=ready.database_url,
-        )
-        await service.run_all(ready, stop)
+    with local_servers(settings, directory) as servers:
+        async with dev_media(servers) as ready:
+            log.info(
+                "dev_ready",
+                webhook=f"http://127.0.0.1:{ready.http_port}/twilio/recording?business_id=1",
+                redis=ready.redis_url,
+                database=ready.database_url,
+                try_it="python -m streamrec simulate; python -m streamrec status",
+            )
+            await service.run_all(ready, stop)

@@ -52,9 +52,9 @@ class Monitor:
         self._last_progress = (time.monotonic(), 0)
 
     @property
-    def ttl_s(self) -> int:
-        """How long a heartbeat lives without renewal: three beats."""
-        return max(int(self._interval * 3), 3)
+    def ttl_ms(self) -> int:
+        """How long a heartbeat lives without renewal: three beats, at least a second."""
+        return max(int(self._interval * 3000), 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat and sample every interval until ``stop``."""
@@ -84,7 +84,7 @@ class Monitor:
             "in_flight": self._consumer.in_flight,
         }
         await self._redis.set(
-            self._keys.heartbeat(self._consumer.name), json.dumps(beat), ex=self.ttl_s
+            self._keys.heartbeat(self._consumer.name), json.dumps(beat), px=self.ttl_ms
         )
         report = await status.collect(self._redis, self._keys, detail=False)
         self._metrics.pending.set(report["pending"])
