@@ -16,6 +16,6 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
     && install -d -o streamrec -g streamrec /var/lib/streamrec/media
 USER streamrec
 WORKDIR /var/lib/streamrec
-EXPOSE 8080
+EXPOSE 8080 9100
 ENTRYPOINT ["python", "-m", "streamrec"]
 CMD ["serve"]

@@ -14,7 +14,16 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamrec import deadletters, devrun, health, service, simulate, status, store
+from streamrec import (
+    deadletters,
+    devrun,
+    health,
+    semaphore,
+    service,
+    simulate,
+    status,
+    store,
+)
 from streamrec import logging as logs
 from streamrec.keys import Keys
 from streamrec.settings import ConfigError, Settings, load_settings
@@ -49,6 +58,7 @@ COMMANDS = {
         "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_PUBLIC_URL",
     ),
     "dlq": ("list, replay or purge dead letters", ""),
+    "slots": ("show or change per-business slot limits", "STREAMREC_BUSINESS_SLOTS"),
 }
 
 
@@ -83,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="post here instead of STREAMREC_PUBLIC_URL (still signed over it)"
     )
     _dlq_parser(commands["dlq"])
+    slots = commands["slots"].add_subparsers(dest="action", required=True, metavar="ACTION")
+    slots.add_parser("list", help="per business: slots in use / limit, parked entries")
+    limit = slots.add_parser("set", help="override one business's limit")
+    limit.add_argument("business_id")
+    limit.add_argument("limit", type=int)
+    unset = slots.add_parser("unset", help="back to STREAMREC_BUSINESS_SLOTS")
+    unset.add_argument("business_id")
     return parser
 
 
@@ -123,6 +140,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "check": _check,
         "simulate": _simulate,
         "dlq": _dlq,
+        "slots": _slots,
     }
     if args.command in tools:
         return await tools[args.command](args, settings)
@@ -148,7 +166,9 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with service.open_redis(settings) as redis:
-        report = await status.collect(redis, Keys(settings.namespace))
+        report = await status.collect(
+            redis, Keys(settings.namespace), default_slots=settings.business_slots
+        )
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return 0
 
@@ -214,6 +234,23 @@ async def _purge(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
             print("nothing deleted")
             return 1
     print(f"deleted {await deadletters.purge(redis, keys, args.ids or None)}")
+    return 0
+
+
+async def _slots(args: argparse.Namespace, settings: Settings) -> int:
+    keys = Keys(settings.namespace)
+    async with service.open_redis(settings) as redis:
+        if args.action == "set":
+            if args.limit < 1:
+                print("streamrec: a limit is at least 1", file=sys.stderr)
+                return 2
+            await redis.hset(keys.slot_limits, args.business_id, str(args.limit))
+        elif args.action == "unset":
+            await redis.hdel(keys.slot_limits, args.business_id)
+        rows = await semaphore.picture(redis, keys, default_limit=settings.business_slots)
+    print(f"default limit {settings.business_slots or 'off'}")
+    for row in rows:
+        print(f"{row['business_id']:<36} {row['in_use']}/{row['limit']}  parked {row['parked']}")
     return 0
 
 

@@ -26,9 +26,15 @@ Delivery contract
   ``origin_id``, ``consumer`` and ``failed_at``, atomically with its XACK and
   XDEL. An entry reclaimed after more deliveries than the cap (it keeps
   killing its consumers) is dead-lettered without running again.
+* **Per-business slots** (``streamrec.semaphore``, when configured). Before its
+  handler runs, an entry takes a slot of its business (a lease renewed while it
+  works, freed on ack in the same script). An entry whose business is at its
+  limit is parked off the stream atomically and woken, in order, when a slot
+  frees; it holds no concurrency while it waits, and its delivery count
+  travels with it.
 * **Shutdown.** When ``stop`` is set the consumer stops reading, lets in-flight
   handlers finish within the grace period, cancels the rest and leaves their
-  entries pending for reclaim.
+  entries pending for reclaim; their slots are released.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -46,39 +52,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from streamrec import deadletters
 from streamrec.aio import first, wait_set
+from streamrec.group import Group, ensure_group
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError, RetryPolicy, describe
+from streamrec.semaphore import PRIOR, Held, Slots
 
 log = structlog.get_logger("streamrec.consumer")
 
-# Per id: its delivery count after the call, or -1 when this consumer no longer
-# owns it. With ARGV[3] == "1" the count is raised by one (a retry is a delivery).
-CLAIM_OWN = """
-local out = {}
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if p and p[2] == ARGV[2] then
-    local count = p[4]
-    if ARGV[3] == '1' then count = count + 1 end
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', count, 'JUSTID')
-    out[#out + 1] = count
-  else
-    out[#out + 1] = -1
-  end
-end
-return out
-"""
-
-
-# Deletes the consumer from the group only if it has no pending entries, so a
-# graceful exit leaves no trace in XINFO CONSUMERS and can never drop work.
-LEAVE = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return -1
-"""
+__all__ = ["Consumer", "ConsumerConfig", "Delivery", "Handler", "ensure_group"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +75,6 @@ class Delivery:
 
 Handler = Callable[[Delivery], Awaitable[None]]
 """Does the work of one entry. Returning means its result is committed."""
-
 
 DeadHook = Callable[[Delivery, str], Awaitable[None]]
 
@@ -125,13 +106,10 @@ class ConsumerConfig:
     """Entry fields bound to every log line about the entry (with ``entry_id``)."""
 
 
-async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
-    """Create the stream and its group if missing (from the start of the stream)."""
-    try:
-        await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def _delivery(entry_id: str, fields: dict[str, str], count: int) -> Delivery:
+    """A Delivery; deliveries made before the entry was parked are added to the count."""
+    prior = fields.pop(PRIOR, "")
+    return Delivery(entry_id, fields, count + (int(prior) if prior.isdigit() else 0))
 
 
 class Consumer:
@@ -146,6 +124,7 @@ class Consumer:
         config: ConsumerConfig,
         on_dead: DeadHook | None = None,
         metrics: Metrics | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -153,15 +132,16 @@ class Consumer:
         self._config = config
         self._on_dead = on_dead
         self._metrics = metrics or Metrics()
-        self._claim_own = redis.register_script(CLAIM_OWN)
-        self._leave_script = redis.register_script(LEAVE)
+        self._slots = slots
+        self._group = Group(redis, keys, config.name)
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, Held] = {}
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
-        self._reclaim_cursor = "0-0"
         self._next_reclaim = 0.0
         self.processed = 0
         self.dead_lettered = 0
+        self.parked = 0
         self.reclaim_passes = 0
         """Completed XAUTOCLAIM scans of the whole group's pending list."""
 
@@ -170,39 +150,44 @@ class Consumer:
         """This consumer's name in the group."""
         return self._config.name
 
+    @property
+    def in_flight(self) -> int:
+        """Entries this consumer is working on now."""
+        return len(self._inflight)
+
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until nothing is left).
 
         Redis being unreachable is logged and retried; it does not end the loop.
         """
         self._stop = stop
-        await ensure_group(self._redis, self._keys)
+        await self._group.ensure()
         log.info("consumer_started", consumer=self.name, concurrency=self._config.concurrency)
         renewer = asyncio.create_task(self._renew_forever())
         failures = 0
         try:
             while not stop.is_set():
                 try:
-                    started = await self._fill()
+                    taken = await self._fill()
                     failures = 0
+                    if until_idle and not taken and await self._idle():
+                        break
                 except RedisError as exc:
                     failures += 1
                     await self._recover(exc, failures)
-                    continue
-                if until_idle and not started and not self._inflight:
-                    break
         finally:
             await self._drain()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            await self._leave()
+            with contextlib.suppress(RedisError):
+                await self._group.leave()
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
 
-    async def _leave(self) -> None:
-        """Remove this consumer from the group if it holds no pending entries."""
-        with contextlib.suppress(RedisError):
-            await self._leave_script(keys=[self._keys.stream], args=[self._keys.group, self.name])
+    async def _idle(self) -> bool:
+        if self._inflight:
+            return False
+        return self._slots is None or await self._slots.parked_total() == 0
 
     async def _recover(self, error: RedisError, failures: int) -> None:
         """Back off after a Redis failure; recreate the group if it vanished."""
@@ -210,87 +195,70 @@ class Consumer:
             # The stream or group is gone: a Redis restarted without persistence.
             log.warning("group_missing", error=describe(error))
             with contextlib.suppress(RedisError):
-                await ensure_group(self._redis, self._keys)
+                await self._group.ensure()
                 return
         log.warning("redis_unavailable", error=describe(error), failures=failures)
         await wait_set(self._stop, min(0.1 * 2**failures, 5.0))
 
     async def _fill(self) -> int:
-        """Wait for free slots, then start entries from reclaim or a new read."""
+        """Wait for free concurrency, take entries (reclaim first, else read), start them.
+
+        Returns how many entries were taken, started or parked.
+        """
         while len(self._inflight) >= self._config.concurrency:
             self._slot_freed.clear()
             await first(self._slot_freed.wait(), self._stop.wait())
             if self._stop.is_set():
                 return 0
         free = self._config.concurrency - len(self._inflight)
-        batch = await self._reclaim(free)
-        if not batch:
-            batch = await self._read(free)
-        for delivery in batch:
+        batch = await self._reclaim(free) or await self._read(free)
+        for delivery in await self._admit(batch):
             self._start(delivery)
         return len(batch)
 
     async def _read(self, count: int) -> list[Delivery]:
-        reply = await first(
-            self._redis.xreadgroup(
-                self._keys.group,
-                self.name,
-                {self._keys.stream: ">"},
-                count=count,
-                block=self._config.block_ms,
-            ),
-            self._stop.wait(),
-        )
-        if not isinstance(reply, list):
-            # Stopped while blocked. Should the read have been served anyway,
-            # its entries sit in our PEL and are reclaimed like a crash's.
-            return []
-        return [
-            Delivery(entry_id, fields, 1) for _, entries in reply for entry_id, fields in entries
-        ]
+        entries = await first(self._group.read(count, self._config.block_ms), self._stop.wait())
+        # None: stopped while blocked. Should the read have been served anyway,
+        # its entries sit in our PEL and are reclaimed like a crash's.
+        return [_delivery(i, fields, 1) for i, fields in entries or []]
 
     async def _reclaim(self, count: int) -> list[Delivery]:
-        """Take over entries idle longer than the claim time, continuing the cursor."""
+        """Take over entries idle longer than the claim time, at most every third of it."""
         now = time.monotonic()
         if now < self._next_reclaim:
             return []
-        cursor, claimed, deleted = await self._redis.xautoclaim(
-            self._keys.stream,
-            self._keys.group,
-            self.name,
-            min_idle_time=self._config.claim_idle_ms,
-            start_id=self._reclaim_cursor,
-            count=count,
-        )
-        self._reclaim_cursor = cursor
-        if cursor == "0-0":
+        taken = await self._group.reclaim(self._config.claim_idle_ms, count)
+        if taken.scan_done:
             self._next_reclaim = now + self._config.claim_idle_ms / 3000
             self.reclaim_passes += 1
-        if deleted:
-            log.warning("reclaimed_entries_gone", entry_ids=deleted)
-        claimed = [(entry_id, fields) for entry_id, fields in claimed if fields is not None]
-        if not claimed:
+        if taken.deleted:
+            log.warning("reclaimed_entries_gone", entry_ids=taken.deleted)
+        if not taken.entries:
             return []
-        counts = await self._delivery_counts([entry_id for entry_id, _ in claimed])
-        self._metrics.reclaimed.inc(len(claimed))
-        log.info("entries_reclaimed", count=len(claimed), consumer=self.name)
-        return [Delivery(entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in claimed]
+        self._metrics.reclaimed.inc(len(taken.entries))
+        log.info("entries_reclaimed", count=len(taken.entries), consumer=self.name)
+        return [_delivery(i, f, taken.counts.get(i, 1)) for i, f in taken.entries]
 
-    async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
-        pending = await self._redis.xpending_range(
-            self._keys.stream,
-            self._keys.group,
-            min=min(entry_ids, key=_id_key),
-            max=max(entry_ids, key=_id_key),
-            count=len(entry_ids) + len(self._inflight),
-            consumername=self.name,
-        )
-        return {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
-
-    @property
-    def in_flight(self) -> int:
-        """Entries this consumer is working on now."""
-        return len(self._inflight)
+    async def _admit(self, batch: list[Delivery]) -> list[Delivery]:
+        """The entries that may run now; the others were parked (or are gone)."""
+        if self._slots is None:
+            return batch
+        slots = self._slots
+        limited = [(d, b) for d in batch if (b := slots.business(d.fields)) is not None]
+        if not limited:
+            return batch
+        verdicts = await slots.acquire([(d.entry_id, b, d.deliveries) for d, b in limited])
+        refused = set()
+        for (delivery, business), verdict in zip(limited, verdicts, strict=True):
+            if verdict == 1:
+                self._held[delivery.entry_id] = Held(delivery.entry_id, business)
+            else:
+                refused.add(delivery.entry_id)
+                self.parked += verdict == 0
+                log.debug("entry_parked" if verdict == 0 else "entry_gone",
+                          entry_id=delivery.entry_id, business=business)  # fmt: skip
+        self._metrics.parked.inc(len(refused))
+        return [d for d in batch if d.entry_id not in refused]
 
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
@@ -305,13 +273,14 @@ class Consumer:
 
     async def _process(self, delivery: Delivery) -> None:
         """Run the handler with retries, then ack or dead-letter the entry."""
-        context = {f: delivery.fields[f] for f in self._config.log_fields if f in delivery.fields}
+        fields = delivery.fields
+        context = {f: fields[f] for f in self._config.log_fields if f in fields}
         with structlog.contextvars.bound_contextvars(entry_id=delivery.entry_id, **context):
-            if delivery.deliveries > self._config.retry.max_deliveries:
-                reason = f"delivered {delivery.deliveries - 1} times without finishing"
-                await self._dead_letter(delivery, reason)
-                return
             try:
+                if delivery.deliveries > self._config.retry.max_deliveries:
+                    reason = f"delivered {delivery.deliveries - 1} times without finishing"
+                    await self._dead_letter(delivery, reason, delivery.deliveries - 1)
+                    return
                 outcome = await self._attempts(delivery)
                 if outcome == DONE:
                     await self._ack(delivery.entry_id)
@@ -324,6 +293,8 @@ class Consumer:
                 # and is reclaimed once idle.
                 self._metrics.entries.labels("left_pending").inc()
                 log.error("entry_left_pending", error=describe(exc))
+            finally:
+                await self._release(delivery.entry_id)
 
     async def _attempts(self, delivery: Delivery) -> Outcome:
         """Run the handler, retrying transient failures, until it is done or gives up."""
@@ -344,28 +315,35 @@ class Consumer:
                 self._metrics.retries.inc()
                 if await wait_set(self._stop, delay):
                     return ABANDON
-                count = await self._claim_own(
-                    keys=[self._keys.stream],
-                    args=[self._keys.group, self.name, "1", delivery.entry_id],
-                )
-                if count[0] < 0:
+                [count] = await self._group.renew([delivery.entry_id], bump=True)
+                if count < 0:
                     log.warning("claim_lost", attempt=delivery.deliveries)
                     return ABANDON
-                delivery = replace(delivery, deliveries=int(count[0]))
+                delivery = replace(delivery, deliveries=delivery.deliveries + 1)
             else:
                 return DONE
 
     async def _ack(self, entry_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.stream, self._keys.group, entry_id)
-            pipe.xdel(self._keys.stream, entry_id)
-            await pipe.execute()
+        """Ack and delete the entry; a held slot is freed (waking a parked entry) in that call."""
+        held = self._held.pop(entry_id, None)
+        if held is not None and self._slots is not None:
+            await self._slots.release([held], ack=True)
+        else:
+            await self._group.ack([entry_id])
         self.processed += 1
         self._metrics.entries.labels("completed").inc()
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, attempts: int = 0) -> None:
+    async def _release(self, entry_id: str) -> None:
+        """Free the slot of an entry that was not acked (dead-lettered or left pending)."""
+        held = self._held.pop(entry_id, None)
+        if held is not None and self._slots is not None:
+            try:
+                await self._slots.release([held], ack=False)
+            except RedisError as exc:  # the lease expires on its own
+                log.warning("slot_release_failed", error=describe(exc))
+
+    async def _dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
         """Record the failure with the handler's hook, then move the entry atomically."""
-        attempts = attempts or delivery.deliveries
         if self._on_dead is not None:
             await self._on_dead(delivery, reason)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -384,26 +362,33 @@ class Consumer:
         log.error("entry_dead_lettered", error=reason, attempts=attempts)
 
     async def _renew_forever(self) -> None:
-        interval = self._config.claim_idle_ms / 3000
+        """Keep claims and slot leases of in-flight entries alive; sweep parked entries."""
+        period_ms = self._config.claim_idle_ms
+        if self._slots is not None:
+            period_ms = min(period_ms, self._slots.lease_ms)
         while True:
-            await asyncio.sleep(interval)
-            if not self._inflight:
-                continue
+            await asyncio.sleep(period_ms / 3000)
             try:
-                await self.renew(list(self._inflight))
+                await self.renew()
             except RedisError as exc:
-                log.warning("claim_renewal_failed", error=describe(exc))
+                log.warning("renewal_failed", error=describe(exc))
 
-    async def renew(self, entry_ids: Iterable[str]) -> list[str]:
-        """Reset the idle time of entries this consumer still owns; returns those it lost."""
-        ids = list(entry_ids)
-        counts = await self._claim_own(
-            keys=[self._keys.stream], args=[self._keys.group, self.name, "0", *ids]
-        )
-        lost = [entry_id for entry_id, count in zip(ids, counts, strict=True) if count < 0]
-        if lost:
-            log.warning("claims_lost", entry_ids=lost)
-        return lost
+    async def renew(self) -> None:
+        """One renewal: claims, then slot leases, then a sweep of parked entries."""
+        ids = list(self._inflight)
+        if ids:
+            counts = await self._group.renew(ids)
+            lost = [i for i, count in zip(ids, counts, strict=True) if count < 0]
+            if lost:
+                log.warning("claims_lost", entry_ids=lost)
+        if self._slots is not None:
+            held = [self._held[i] for i in ids if i in self._held]
+            lost_slots = await self._slots.renew(held)
+            if lost_slots:
+                log.warning("slot_leases_lost", entry_ids=lost_slots)
+            woken = await self._slots.sweep()
+            if woken:
+                log.info("parked_entries_woken", count=woken)
 
     async def _drain(self) -> None:
         """Let in-flight work finish within the grace period; cancel what is left."""
@@ -417,8 +402,3 @@ class Consumer:
         if left:
             await asyncio.wait(left)
             log.warning("left_for_reclaim", count=len(left))
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    millis, _, seq = entry_id.partition("-")
-    return int(millis), int(seq or 0)

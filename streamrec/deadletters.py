@@ -24,10 +24,17 @@ META_FIELDS = ("error", "attempts", "origin_id", "consumer", "failed_at")
 
 # KEYS: dead, stream. ARGV: dead-letter ids. Moves each one's original fields
 # back to the stream; returns the new ids (false where the id was not there).
+# Only a dead letter's exact id counts: XRANGE reads "5" as the range 5-0..5-max
+# and a malformed id as an error, and either would move a wrong entry or only
+# part of the batch.
 REPLAY = """
 local moved = {}
 for i = 1, #ARGV do
-  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  local found = redis.pcall('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  local entry = nil
+  if type(found) == 'table' and not found.err and found[1] and found[1][1] == ARGV[i] then
+    entry = found[1]
+  end
   if entry then
     local fields, original = entry[2], {}
     for j = 1, #fields, 2 do

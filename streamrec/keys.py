@@ -49,3 +49,21 @@ class Keys:
     def heartbeat_pattern(self) -> str:
         """SCAN pattern matching every consumer heartbeat of this namespace."""
         return f"{self._tag}:heartbeat:*"
+
+    def slots(self, business: str) -> str:
+        """Sorted set of the entry ids holding a slot of ``business``, scored by lease expiry."""
+        return f"{self._tag}:slots:{business}"
+
+    def parked(self, business: str) -> str:
+        """List of ``business``'s parked entries (JSON), oldest first."""
+        return f"{self._tag}:parked:{business}"
+
+    @property
+    def parked_set(self) -> str:
+        """Set of the businesses that have parked entries."""
+        return f"{self._tag}:parked"
+
+    @property
+    def slot_limits(self) -> str:
+        """Hash of per-business slot limits overriding STREAMREC_BUSINESS_SLOTS."""
+        return f"{self._tag}:slot-limits"

@@ -37,6 +37,10 @@ class Metrics:
         self.reclaimed = Counter(
             "streamrec_reclaimed", "Entries taken over from idle consumers.", registry=r
         )
+        self.parked = Counter(
+            "streamrec_parked", "Entries parked because their business was at its limit.",
+            registry=r,
+        )  # fmt: skip
         self.stage_seconds = Histogram(
             "streamrec_stage_seconds",
             "Time spent per pipeline stage.",

@@ -28,11 +28,15 @@ from streamrec.monitor import Monitor
 from streamrec.pipeline import RecordingPipeline
 from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
 from streamrec.retry import RetryPolicy
+from streamrec.semaphore import Slots
 from streamrec.settings import Settings
 from streamrec.transcribe import Transcriber
 from streamrec.twilio import MediaClient
 
 log = structlog.get_logger("streamrec.service")
+
+
+REDIS_CONNECTIONS = 64
 
 
 def redis_client(url: str, *, block_ms: int = 2_000) -> aioredis.Redis:
@@ -43,8 +47,12 @@ def redis_client(url: str, *, block_ms: int = 2_000) -> aioredis.Redis:
     Redis restart costs a reconnect, not an error. The socket timeout outlasts
     the consumer's blocking read.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        # Past this many commands in flight, callers wait for a connection
+        # (up to `timeout`) instead of failing.
+        max_connections=REDIS_CONNECTIONS,
+        timeout=10,
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=block_ms / 1000 + 10,
@@ -52,6 +60,7 @@ def redis_client(url: str, *, block_ms: int = 2_000) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
         retry_on_error=[ConnectionError, TimeoutError],
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @contextlib.asynccontextmanager
@@ -74,6 +83,18 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+def business_slots(settings: Settings, redis: aioredis.Redis) -> Slots | None:
+    """The per-business slots, or None when STREAMREC_BUSINESS_SLOTS is 0 (no limit)."""
+    if not settings.business_slots:
+        return None
+    return Slots(
+        redis,
+        Keys(settings.namespace),
+        default_limit=settings.business_slots,
+        lease_ms=settings.slot_lease_ms,
+    )
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
@@ -119,6 +140,7 @@ async def consume(
             config=consumer_config(settings),
             on_dead=pipeline.dead,
             metrics=metrics,
+            slots=business_slots(settings, redis),
         )
         monitor = Monitor(
             redis=redis,

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     block_ms: int = Field(2_000, validation_alias="STREAMREC_BLOCK_MS", ge=1)
     max_body_bytes: int = Field(64 * 1024, validation_alias="STREAMREC_MAX_BODY_BYTES", ge=1024)
     dedupe_ttl_s: int = Field(7 * 24 * 3600, validation_alias="STREAMREC_DEDUPE_TTL_S", ge=60)
+    business_slots: int = Field(3, validation_alias="STREAMREC_BUSINESS_SLOTS", ge=0)
+    slot_lease_ms: int = Field(30_000, validation_alias="STREAMREC_SLOT_LEASE_MS", ge=100)
     metrics_port: int = Field(9100, validation_alias="STREAMREC_METRICS_PORT", ge=0, le=65535)
     heartbeat_s: float = Field(5.0, validation_alias="STREAMREC_HEARTBEAT_S", gt=0)
     progress_s: float = Field(30.0, validation_alias="STREAMREC_PROGRESS_S", ge=0)

@@ -12,16 +12,20 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamrec import semaphore
 from streamrec.keys import Keys
 
 PER_CONSUMER_SCAN = 1000  # pending entries read per consumer to find its oldest idle one
 
 
-async def collect(redis: aioredis.Redis, keys: Keys, *, detail: bool = True) -> dict[str, Any]:
-    """The status document: stream length, lag, pending, consumers, dead letters.
+async def collect(
+    redis: aioredis.Redis, keys: Keys, *, detail: bool = True, default_slots: int = 0
+) -> dict[str, Any]:
+    """The status document: stream length, lag, pending, consumers, dead letters, slots.
 
-    ``detail=False`` skips the per-consumer part (what the consumer's own
-    monitor samples every few seconds).
+    ``detail=False`` skips the per-consumer and per-business parts (what the
+    consumer's own monitor samples every few seconds). ``default_slots`` is the
+    limit of a business without an override (0: slots are off).
     """
     now_ms = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
@@ -39,6 +43,7 @@ async def collect(redis: aioredis.Redis, keys: Keys, *, detail: bool = True) -> 
         "oldest_pending_id": None,
         "oldest_pending_idle_ms": None,
         "consumers": [],
+        "businesses": [],
         "collected_at_ms": now_ms,
     }
     group = await _group(redis, keys)
@@ -53,6 +58,7 @@ async def collect(redis: aioredis.Redis, keys: Keys, *, detail: bool = True) -> 
                 report["oldest_pending_idle_ms"] = oldest[0]["time_since_delivered"]
     if detail:
         report["consumers"] = await _consumers(redis, keys, group is not None, now_ms)
+        report["businesses"] = await semaphore.picture(redis, keys, default_limit=default_slots)
     return report
 
 
@@ -132,6 +138,12 @@ def render(report: dict[str, Any]) -> str:
             )
     else:
         lines.append("  no consumers")
+    if report.get("businesses"):
+        lines.append("  businesses (slots in use / limit, parked):")
+        for b in report["businesses"]:
+            lines.append(
+                f"    {b['business_id']:<36} {b['in_use']}/{b['limit']}  parked {b['parked']}"
+            )
     return "\n".join(lines)
 
 

@@ -168,6 +168,7 @@ def settings(
         retry_max_ms=50,
         shutdown_grace_s=5,
         metrics_port=0,
+        business_slots=0,
         heartbeat_s=0.2,
         _env_file=None,
     )

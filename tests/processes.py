@@ -26,6 +26,8 @@ ENV_OF = {
     "shutdown_grace_s": "STREAMREC_SHUTDOWN_GRACE_S",
     "metrics_port": "STREAMREC_METRICS_PORT",
     "heartbeat_s": "STREAMREC_HEARTBEAT_S",
+    "business_slots": "STREAMREC_BUSINESS_SLOTS",
+    "slot_lease_ms": "STREAMREC_SLOT_LEASE_MS",
 }
 
 

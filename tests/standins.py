@@ -93,6 +93,15 @@ class MediaStandIn(_Server):
         self.body_for: dict[str, bytes] = {}
         self.in_flight: Counter[str] = Counter()
         self.gate: asyncio.Event | None = None
+        self.delay_s = 0.0
+        """Simulated transfer time of each download."""
+        self.business_of: dict[str, str] = {}
+        """RecordingSid to business, for the per-business figures below."""
+        self.busy: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+        """Most downloads of one business in progress at once."""
+        self.started: list[str] = []
+        """RecordingSids in the order their downloads began."""
         self._expected = (
             "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
         )
@@ -109,14 +118,21 @@ class MediaStandIn(_Server):
             return web.json_response({"message": "injected"}, status=self.status_for[sid])
         if self.requests[sid] <= self.not_ready:
             return web.json_response({"code": 20404, "message": "not found"}, status=404)
+        business = self.business_of.get(sid, "")
         self.in_flight[sid] += 1
+        self.busy[business] += 1
+        self.peak[business] = max(self.peak[business], self.busy[business])
+        self.started.append(sid)
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)  # a slow transfer, not a wait for state
             self.served[sid] += 1
             return web.Response(body=self.body_for.get(sid, AUDIO), content_type="audio/mpeg")
         finally:
             self.in_flight[sid] -= 1
+            self.busy[business] -= 1
 
 
 class OpenAIStandIn(_Server):
