@@ -1,0 +1,167 @@
+"""``simulate``: signed callbacks posted to the real webhook app served on a local port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_asyncio
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from streamrec import simulate
+from streamrec.devservers import free_port
+from streamrec.keys import Keys
+from streamrec.producer import WebhookConfig, create_app
+from streamrec.settings import Settings
+from tests.conftest import entries
+from tests.processes import environment
+from tests.standins import ACCOUNT_SID, AUTH_TOKEN, recording_sid
+
+
+async def serve(redis: aioredis.Redis, keys: Keys, public_url: str, port: int) -> web.AppRunner:
+    """The webhook app on 127.0.0.1:``port``, verifying signatures over ``public_url``."""
+    config = WebhookConfig(
+        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, public_url=public_url, keys=keys
+    )
+    runner = web.AppRunner(create_app(redis, config), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def webhook_url(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[str]:
+    """Base URL of the webhook, served on a free port; it is also the public URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    runner = await serve(redis, keys, url, port)
+    yield url
+    await runner.cleanup()
+
+
+async def test_post_callbacks_enqueues_count_entries(
+    webhook_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """post_callbacks(count=3) gets three 200 queued answers and adds three entries."""
+    posted = await simulate.post_callbacks(
+        account_sid=ACCOUNT_SID,
+        auth_token=AUTH_TOKEN,
+        public_url=webhook_url,
+        post_to=None,
+        business_id="5",
+        count=3,
+    )
+    assert [p.status for p in posted] == [200, 200, 200]
+    assert [json.loads(p.body)["status"] for p in posted] == ["queued"] * 3
+    added = [fields for _, fields in await entries(redis, keys.stream)]
+    assert [f["recording_sid"] for f in added] == [p.recording_sid for p in posted]
+    assert {f["business_id"] for f in added} == {"5"}
+    assert {f["account_sid"] for f in added} == {ACCOUNT_SID}
+
+
+async def test_post_callbacks_with_a_wrong_token_is_refused(
+    webhook_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Callbacks signed with another token get 403 and add nothing."""
+    posted = await simulate.post_callbacks(
+        account_sid=ACCOUNT_SID,
+        auth_token="not-the-token",
+        public_url=webhook_url,
+        post_to=None,
+        business_id="5",
+        count=2,
+    )
+    assert [p.status for p in posted] == [403, 403]
+    assert await redis.xlen(keys.stream) == 0
+
+
+async def test_one_recording_sid_twice_is_queued_then_duplicate(
+    webhook_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """With a fixed RecordingSid the second callback is answered duplicate; one entry."""
+    sid = recording_sid()
+    posted = await simulate.post_callbacks(
+        account_sid=ACCOUNT_SID,
+        auth_token=AUTH_TOKEN,
+        public_url=webhook_url,
+        post_to=None,
+        business_id="5",
+        count=2,
+        recording_sid=sid,
+    )
+    assert [json.loads(p.body)["status"] for p in posted] == ["queued", "duplicate"]
+    assert [f["recording_sid"] for _, f in await entries(redis, keys.stream)] == [sid]
+
+
+async def test_post_to_signs_over_the_public_url(redis: aioredis.Redis, keys: Keys) -> None:
+    """post_to sends elsewhere while signing over the public URL the webhook verifies with."""
+    port = free_port()
+    public = "https://hooks.example.com"
+    runner = await serve(redis, keys, public, port)
+    try:
+        posted = await simulate.post_callbacks(
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            public_url=public,
+            post_to=f"http://127.0.0.1:{port}/",
+            business_id="5",
+        )
+    finally:
+        await runner.cleanup()
+    assert [p.status for p in posted] == [200]
+    assert await redis.xlen(keys.stream) == 1
+
+
+async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m streamrec *args`` to completion, off the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "streamrec", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_simulate_cli_posts_and_prints_one_line_each(
+    webhook_url: str, redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+) -> None:
+    """``simulate --count 2 --business-id 5`` exits 0, prints 2 lines, adds 2 entries."""
+    env = environment(settings, STREAMREC_PUBLIC_URL=webhook_url)
+    finished = await streamrec(
+        "simulate", "--count", "2", "--business-id", "5", env=env, cwd=tmp_path
+    )
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    assert len(lines) == 2
+    added = [fields for _, fields in await entries(redis, keys.stream)]
+    assert [f["business_id"] for f in added] == ["5", "5"]
+    for line, fields in zip(lines, added, strict=True):
+        sid, status, body = line.split(" ", 2)
+        assert (sid, status) == (fields["recording_sid"], "200")
+        assert json.loads(body)["status"] == "queued"
+
+
+async def test_simulate_cli_exits_1_when_refused(
+    webhook_url: str, redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+) -> None:
+    """``simulate`` signing with a token the webhook does not hold exits 1 and shows 403."""
+    env = environment(settings, STREAMREC_PUBLIC_URL=webhook_url, TWILIO_AUTH_TOKEN="wrong")
+    finished = await streamrec("simulate", env=env, cwd=tmp_path)
+    assert finished.returncode == 1
+    [line] = finished.stdout.splitlines()
+    assert line.split(" ", 2)[1] == "403"
+    assert await redis.xlen(keys.stream) == 0
