@@ -136,6 +136,10 @@ class Consumer:
         self._group = Group(redis, keys, config.name)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, Held] = {}
+        self._acks: list[tuple[str, asyncio.Future[None]]] = []
+        self._acks_waiting = asyncio.Event()
+        # Refill in batches: read once a quarter of the concurrency is free, not per entry.
+        self._low_water = max(1, min(config.concurrency // 4, 64))
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
@@ -164,6 +168,7 @@ class Consumer:
         await self._group.ensure()
         log.info("consumer_started", consumer=self.name, concurrency=self._config.concurrency)
         renewer = asyncio.create_task(self._renew_forever())
+        acker = asyncio.create_task(self._ack_forever())
         failures = 0
         try:
             while not stop.is_set():
@@ -177,9 +182,10 @@ class Consumer:
                     await self._recover(exc, failures)
         finally:
             await self._drain()
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            for task in (renewer, acker):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             with contextlib.suppress(RedisError):
                 await self._group.leave()
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
@@ -205,7 +211,7 @@ class Consumer:
 
         Returns how many entries were taken, started or parked.
         """
-        while len(self._inflight) >= self._config.concurrency:
+        while self._config.concurrency - len(self._inflight) < self._low_water:
             self._slot_freed.clear()
             await first(self._slot_freed.wait(), self._stop.wait())
             if self._stop.is_set():
@@ -217,7 +223,11 @@ class Consumer:
         return len(batch)
 
     async def _read(self, count: int) -> list[Delivery]:
-        entries = await first(self._group.read(count, self._config.block_ms), self._stop.wait())
+        # While entries flow a plain read answers at once; only an empty stream
+        # is waited on, and that wait gives way to a stop.
+        entries = await self._group.read(count, None)
+        if not entries:
+            entries = await first(self._group.read(count, self._config.block_ms), self._stop.wait())
         # None: stopped while blocked. Should the read have been served anyway,
         # its entries sit in our PEL and are reclaimed like a crash's.
         return [_delivery(i, fields, 1) for i, fields in entries or []]
@@ -324,14 +334,44 @@ class Consumer:
                 return DONE
 
     async def _ack(self, entry_id: str) -> None:
-        """Ack and delete the entry; a held slot is freed (waking a parked entry) in that call."""
-        held = self._held.pop(entry_id, None)
-        if held is not None and self._slots is not None:
-            await self._slots.release([held], ack=True)
-        else:
-            await self._group.ack([entry_id])
+        """Ack and delete the entry, freeing its slot; returns once Redis has done it.
+
+        Acks are flushed in batches: one round trip for every entry that finished
+        while the previous flush was under way.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._acks.append((entry_id, done))
+        self._acks_waiting.set()
+        await done
         self.processed += 1
         self._metrics.entries.labels("completed").inc()
+
+    async def _ack_forever(self) -> None:
+        while True:
+            await self._acks_waiting.wait()
+            self._acks_waiting.clear()
+            batch, self._acks = self._acks, []
+            try:
+                await self._flush([entry_id for entry_id, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _flush(self, ids: list[str]) -> None:
+        """XACK + XDEL ``ids``; those holding slots free them (and wake parked) in the same call."""
+        held = [self._held[i] for i in ids if i in self._held]
+        plain = [i for i in ids if i not in self._held]
+        if held and self._slots is not None:
+            await self._slots.release(held, ack=True)
+            for h in held:
+                self._held.pop(h.entry_id, None)
+        if plain:
+            await self._group.ack(plain)
 
     async def _release(self, entry_id: str) -> None:
         """Free the slot of an entry that was not acked (dead-lettered or left pending)."""

@@ -80,8 +80,8 @@ class Group:
         """Create the stream and group if missing."""
         await ensure_group(self._redis, self._keys)
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer (XREADGROUP >), waiting up to ``block_ms``."""
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP >), waiting up to ``block_ms`` (None: not)."""
         reply: Any = await self._redis.xreadgroup(
             self._keys.group, self.name, {self._keys.stream: ">"}, count=count, block=block_ms
         )

@@ -42,15 +42,24 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function limit_of(limits, business, default)
-  return tonumber(redis.call('HGET', limits, business)) or tonumber(default)
+-- What one call knows of a business: its limit and live holders, read once.
+local function business_state(cache, limits, business, default, slots, now)
+  local b = cache[business]
+  if not b then
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+    b = {
+      limit = tonumber(redis.call('HGET', limits, business)) or tonumber(default),
+      held = redis.call('ZCARD', slots),
+    }
+    cache[business] = b
+  end
+  return b
 end
 
 -- Move parked entries into free slots: XADD back with the slot reserved.
-local function wake(stream, parked_set, slots, parked, business, limit, now, lease)
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+local function wake(stream, parked_set, slots, parked, business, b, now, lease)
   local woken = 0
-  while redis.call('ZCARD', slots) < limit do
+  while b.held < b.limit do
     local item = redis.call('LPOP', parked)
     if not item then break end
     local p = cjson.decode(item)
@@ -62,42 +71,58 @@ local function wake(stream, parked_set, slots, parked, business, limit, now, lea
     end
     local id = redis.call('XADD', stream, '*', unpack(args))
     redis.call('ZADD', slots, now + lease, id)
+    b.held = b.held + 1
     woken = woken + 1
   end
-  if redis.call('LLEN', parked) == 0 then redis.call('SREM', parked_set, business) end
+  if woken > 0 and redis.call('EXISTS', parked) == 0 then
+    redis.call('SREM', parked_set, business)
+  end
   return woken
 end
 """
 
-# KEYS: stream, parked set, limits, then per entry: its slots key, its parked key.
-# ARGV: group, lease ms, default limit, then per entry: id, business, deliveries so
-# far (prior_deliveries included).
+# Every script below takes the same layout, keys declared once per business:
+#   KEYS: stream, parked set, limits, then per business j: slots key, parked key
+#   ARGV: group, lease ms, default limit, n businesses, their names, then the
+#         entries in one space-separated string (a third of the encoding work of
+#         one argument per value), each giving its business by its number j.
+_LAYOUT = """
+local now = now_ms()
+local group, lease, default = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local nb = tonumber(ARGV[4])
+local first = 5 + nb
+local cache = {}
+local function business(j)
+  local name = ARGV[4 + j]
+  local slots, parked = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
+  return name, slots, parked, business_state(cache, KEYS[3], name, default, slots, now)
+end
+"""
+
+# Entries: "id j deliveries" (deliveries so far, prior_deliveries included).
 # Returns per entry: 1 run (slot held), 0 parked, -1 no longer in the stream.
 ACQUIRE = (
     _COMMON
+    + _LAYOUT
     + """
-local now = now_ms()
-local lease, default = tonumber(ARGV[2]), ARGV[3]
 local out = {}
-for i = 0, (#ARGV - 3) / 3 - 1 do
-  local id, business = ARGV[4 + 3 * i], ARGV[5 + 3 * i]
-  local deliveries = tonumber(ARGV[6 + 3 * i])
-  local slots, parked = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local limit = limit_of(KEYS[3], business, default)
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
-  if not entry then
-    out[#out + 1] = -1
-  elseif redis.call('ZSCORE', slots, id) then
+for id, j, d in string.gmatch(ARGV[first], '(%S+) (%S+) (%S+)') do
+  local deliveries = tonumber(d)
+  local name, slots, parked, b = business(tonumber(j))
+  if b.queued == nil then b.queued = redis.call('LLEN', parked) end
+  -- Entries delivered before are older than anything queued: they go first.
+  local front = deliveries > 1
+  if redis.call('ZSCORE', slots, id) then
+    redis.call('ZADD', slots, now + lease, id)  -- its slot was reserved when it was woken
+    out[#out + 1] = 1
+  elseif b.held < b.limit and (front or b.queued == 0) then
     redis.call('ZADD', slots, now + lease, id)
+    b.held = b.held + 1
     out[#out + 1] = 1
   else
-    -- Entries delivered before are older than anything queued: they go first.
-    local front = deliveries > 1
-    local queue = redis.call('LLEN', parked)
-    if redis.call('ZCARD', slots) < limit and (front or queue == 0) then
-      redis.call('ZADD', slots, now + lease, id)
-      out[#out + 1] = 1
+    local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+    if not entry or entry[1] ~= id then
+      out[#out + 1] = -1
     else
       local fields = {}
       for j = 1, #entry[2], 2 do
@@ -109,11 +134,13 @@ for i = 0, (#ARGV - 3) / 3 - 1 do
       -- This delivery did not run, so it does not count against the entry.
       local item = cjson.encode({f = fields, d = deliveries - 1, id = id, at = now})
       if front then redis.call('LPUSH', parked, item) else redis.call('RPUSH', parked, item) end
-      redis.call('SADD', KEYS[2], business)
-      redis.call('XACK', KEYS[1], ARGV[1], id)
+      b.queued = b.queued + 1
+      redis.call('SADD', KEYS[2], name)
+      redis.call('XACK', KEYS[1], group, id)
       redis.call('XDEL', KEYS[1], id)
-      wake(KEYS[1], KEYS[2], slots, parked, business, limit, now, lease)
       out[#out + 1] = 0
+      -- Queued only because others wait: move the queue on by the free slots.
+      b.queued = b.queued - wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
     end
   end
 end
@@ -121,45 +148,48 @@ return out
 """
 )
 
-# KEYS: stream, parked set, limits, then per entry: slots key, parked key.
-# ARGV: group, lease ms, default limit, ack (1: XACK + XDEL too), then per entry: id, business.
+# Entries: "id j"; then ARGV[first + 1] is 1 to XACK + XDEL them too.
+# Returns how many parked entries were woken.
 RELEASE = (
     _COMMON
+    + _LAYOUT
     + """
-local now = now_ms()
-local lease, default = tonumber(ARGV[2]), ARGV[3]
+local ids, touched = {}, {}
+for id, j in string.gmatch(ARGV[first], '(%S+) (%S+)') do
+  j = tonumber(j)
+  ids[#ids + 1] = id
+  redis.call('ZREM', KEYS[2 + 2 * j], id)
+  touched[j] = true
+end
+if ARGV[first + 1] == '1' and #ids > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
 local woken = 0
-for i = 0, (#ARGV - 4) / 2 - 1 do
-  local id, business = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  local slots, parked = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  if ARGV[4] == '1' then
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('XDEL', KEYS[1], id)
+for j = 1, nb do
+  if touched[j] and redis.call('EXISTS', KEYS[3 + 2 * j]) == 1 then
+    local name, slots, parked, b = business(j)
+    woken = woken + wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
   end
-  redis.call('ZREM', slots, id)
-  woken = woken + wake(KEYS[1], KEYS[2], slots, parked, business,
-                       limit_of(KEYS[3], business, default), now, lease)
 end
 return woken
 """
 )
 
-# KEYS: limits, then per entry: its slots key. ARGV: lease ms, default limit, then
-# per entry: id, business. Renews held leases; re-takes an expired one if a slot
-# is free. Returns the ids whose slot was lost to others.
+# Entries: "id j". Renews held leases; re-takes an expired one if a slot is
+# free. Returns the ids whose slot was lost to others.
 RENEW = (
     _COMMON
+    + _LAYOUT
     + """
-local now = now_ms()
-local lease, default = tonumber(ARGV[1]), ARGV[2]
 local lost = {}
-for i = 0, (#ARGV - 2) / 2 - 1 do
-  local id, business = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
-  local slots = KEYS[2 + i]
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  if redis.call('ZSCORE', slots, id)
-     or redis.call('ZCARD', slots) < limit_of(KEYS[1], business, default) then
+for id, j in string.gmatch(ARGV[first], '(%S+) (%S+)') do
+  local _, slots, _, b = business(tonumber(j))
+  if redis.call('ZSCORE', slots, id) then
     redis.call('ZADD', slots, now + lease, id)
+  elseif b.held < b.limit then
+    redis.call('ZADD', slots, now + lease, id)
+    b.held = b.held + 1
   else
     lost[#lost + 1] = id
   end
@@ -168,17 +198,16 @@ return lost
 """
 )
 
-# KEYS: stream, parked set, limits, then per business: slots key, parked key.
-# ARGV: lease ms, default limit, then the businesses. Returns entries woken.
+# No entries: wakes parked entries of every business given. Returns how many.
 SWEEP = (
     _COMMON
+    + _LAYOUT
     + """
-local now = now_ms()
 local woken = 0
-for i = 0, #ARGV - 3 do
-  local business = ARGV[3 + i]
-  woken = woken + wake(KEYS[1], KEYS[2], KEYS[4 + 2 * i], KEYS[5 + 2 * i], business,
-                       limit_of(KEYS[3], business, ARGV[2]), now, tonumber(ARGV[1]))
+for j = 1, nb do
+  local name, slots, parked, b = business(j)
+  woken = woken + wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
+  if redis.call('EXISTS', parked) == 0 then redis.call('SREM', KEYS[2], name) end
 end
 return woken
 """
@@ -219,50 +248,47 @@ class Slots:
         """The business an entry counts against (None: not limited)."""
         return fields.get(self.field) or None
 
-    def _base(self) -> list[str]:
-        return [self._keys.stream, self._keys.parked_set, self._keys.slot_limits]
+    def _layout(self, businesses: Sequence[str]) -> tuple[list[str], list[str], dict[str, str]]:
+        """KEYS and leading ARGV for ``businesses``, and each one's number as a string."""
+        numbers: dict[str, str] = {}
+        keys = [self._keys.stream, self._keys.parked_set, self._keys.slot_limits]
+        for business in businesses:
+            if business not in numbers:
+                numbers[business] = str(len(numbers) + 1)
+                keys += (self._keys.slots(business), self._keys.parked(business))
+        head = [self._keys.group, str(self.lease_ms), str(self.default_limit), str(len(numbers))]
+        return keys, head + list(numbers), numbers
 
     async def acquire(self, entries: Sequence[tuple[str, str, int]]) -> list[int]:
         """For (entry id, business, deliveries) each: 1 run, 0 parked, -1 gone. One call."""
         if not entries:
             return []
-        keys, args = self._base(), [self._keys.group, str(self.lease_ms), str(self.default_limit)]
-        for entry_id, business, deliveries in entries:
-            keys += (self._keys.slots(business), self._keys.parked(business))
-            args += (entry_id, business, str(deliveries))
+        keys, args, numbers = self._layout([business for _, business, _ in entries])
+        args.append(" ".join(f"{i} {numbers[b]} {d}" for i, b, d in entries))
         return [int(x) for x in await self._acquire(keys=keys, args=args)]
 
     async def release(self, held: Sequence[Held], *, ack: bool) -> int:
         """Free the slots (acking the entries too with ``ack``); wake parked ones. One call."""
         if not held:
             return 0
-        keys = self._base()
-        args = [self._keys.group, str(self.lease_ms), str(self.default_limit), "1" if ack else "0"]
-        for h in held:
-            keys += (self._keys.slots(h.business), self._keys.parked(h.business))
-            args += (h.entry_id, h.business)
+        keys, args, numbers = self._layout([h.business for h in held])
+        args += (_packed(held, numbers), "1" if ack else "0")
         return int(await self._release(keys=keys, args=args))
 
     async def renew(self, held: Sequence[Held]) -> list[str]:
         """Extend the leases of held slots; returns ids whose slot was lost."""
         if not held:
             return []
-        keys = [self._keys.slot_limits]
-        args = [str(self.lease_ms), str(self.default_limit)]
-        for h in held:
-            keys.append(self._keys.slots(h.business))
-            args += (h.entry_id, h.business)
+        keys, args, numbers = self._layout([h.business for h in held])
+        args.append(_packed(held, numbers))
         return [str(x) for x in await self._renew(keys=keys, args=args)]
 
     async def sweep(self) -> int:
         """Wake parked entries of businesses whose slots freed without a release."""
-        businesses = sorted(str(b) for b in await self._redis.smembers(self._keys.parked_set))
-        if not businesses:
+        members = await self._redis.smembers(self._keys.parked_set)
+        if not members:
             return 0
-        keys = self._base()
-        for business in businesses:
-            keys += (self._keys.slots(business), self._keys.parked(business))
-        args = [str(self.lease_ms), str(self.default_limit), *businesses]
+        keys, args, _ = self._layout(sorted(str(b) for b in members))
         return int(await self._sweep(keys=keys, args=args))
 
     async def parked_total(self) -> int:
@@ -274,6 +300,10 @@ class Slots:
             for business in businesses:
                 pipe.llen(self._keys.parked(str(business)))
             return sum(int(n) for n in await pipe.execute())
+
+
+def _packed(held: Sequence[Held], numbers: dict[str, str]) -> str:
+    return " ".join(f"{h.entry_id} {numbers[h.business]}" for h in held)
 
 
 async def picture(redis: aioredis.Redis, keys: Keys, *, default_limit: int) -> list[dict[str, Any]]:
