@@ -5,9 +5,10 @@ Delivery contract
 * **At least once.** An entry is read with XREADGROUP into this consumer's
   pending list (PEL) and stays there until its handler has returned, which for
   the recording pipeline means its result is committed in PostgreSQL. Only then
-  is it XACKed and XDELed (in one MULTI, so the stream never keeps handled
-  entries and never loses un-acked ones). A process killed at any instant
-  leaves its entries pending; nothing is lost.
+  is it XACKed and XDELed, both in one atomic call (acks of entries finishing
+  together share it), so the stream keeps no handled entry and loses no
+  un-acked one. A process killed at any instant leaves its entries pending;
+  nothing is lost.
 * **Idempotent side effects.** A handler may run more than once for one entry
   (after a crash, or when a claim was lost). The recording pipeline is keyed on
   RecordingSid: one row per recording, and a redelivered entry resumes at the
@@ -19,16 +20,18 @@ Delivery contract
   owns the entry) every third of that time, so a long job is never handed to a
   second consumer while the first is alive.
 * **Retries.** A transient failure is retried in place with exponential
-  backoff and jitter; each retry is counted as a delivery in the PEL
-  (``XPENDING`` shows it). A permanent failure, or a failure at delivery
-  ``STREAMREC_MAX_DELIVERIES``, moves the entry to the dead-letter stream
-  ``{ns}:dead`` with its original fields plus ``error``, ``attempts``,
+  backoff and jitter; each retry counts as a delivery in the PEL (``XPENDING``
+  shows it). An outage of PostgreSQL is not the entry's fault: it is waited
+  out with the same backoff, the entry held, and not counted.
+* **Redelivery cap and dead letters.** A permanent failure, or a failure at
+  delivery ``STREAMREC_MAX_DELIVERIES``, moves the entry to the dead-letter
+  stream ``{ns}:dead`` with its original fields plus ``error``, ``attempts``,
   ``origin_id``, ``consumer`` and ``failed_at``, atomically with its XACK and
   XDEL. An entry reclaimed after more deliveries than the cap (it keeps
   killing its consumers) is dead-lettered without running again.
 * **Per-business slots** (``streamrec.semaphore``, when configured). Before its
   handler runs, an entry takes a slot of its business (a lease renewed while it
-  works, freed on ack in the same script). An entry whose business is at its
+  works, freed in the same call as its ack). An entry whose business is at its
   limit is parked off the stream atomically and woken, in order, when a slot
   frees; it holds no concurrency while it waits, and its delivery count
   travels with it.
@@ -55,7 +58,7 @@ from streamrec.aio import first, wait_set
 from streamrec.group import Group, ensure_group
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
-from streamrec.retry import PermanentError, RetryPolicy, describe
+from streamrec.retry import PermanentError, RetryPolicy, Unavailable, describe
 from streamrec.semaphore import PRIOR, Held, Slots
 
 log = structlog.get_logger("streamrec.consumer")
@@ -309,11 +312,20 @@ class Consumer:
     async def _attempts(self, delivery: Delivery) -> Outcome:
         """Run the handler, retrying transient failures, until it is done or gives up."""
         policy = self._config.retry
+        outage = 0
         while True:
             try:
                 await self._handler(delivery)
             except PermanentError as exc:
                 return GiveUp(describe(exc), delivery.deliveries)
+            except Unavailable as exc:
+                # Our own service is down: wait it out, holding the entry, uncounted.
+                outage += 1
+                delay = policy.delay(outage, exc)
+                log.warning("dependency_unavailable", error=describe(exc), retry_in_s=delay)
+                self._metrics.retries.inc()
+                if await wait_set(self._stop, delay):
+                    return ABANDON
             except Exception as exc:
                 reason = describe(exc)
                 if policy.exhausted(delivery.deliveries):

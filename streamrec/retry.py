@@ -24,6 +24,14 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class Unavailable(TransientError):
+    """A service of our own (PostgreSQL) is down: not the entry's fault.
+
+    Retried with backoff for as long as the outage lasts, without counting as a
+    delivery, so an outage never dead-letters healthy work.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Exponential backoff with jitter, bounded by a total number of deliveries."""

@@ -76,8 +76,10 @@ async def open_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 @contextlib.asynccontextmanager
 async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """An asyncpg pool sized for the consumer's concurrency."""
+    # No connection floor: during a database outage a floor only means a
+    # background task retrying (and logging) connects nobody asked for.
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=min(settings.concurrency, 20)
+        settings.database_url, min_size=0, max_size=min(settings.concurrency, 20)
     )
     try:
         yield pool

@@ -6,7 +6,9 @@ asyncpg's connection errors propagate; the consumer treats them as transient.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -16,10 +18,33 @@ import asyncpg
 import structlog
 
 from streamrec.events import RecordingEvent
+from streamrec.retry import Unavailable, describe
 
 log = structlog.get_logger("streamrec.store")
 
 MIGRATION_LOCK = 0x5EC0_0001  # advisory lock id: one migrator at a time across replicas
+
+# Errors that say the database is unreachable or going away, not that a query is
+# wrong. asyncpg's interface errors ("connection is closed", "cannot switch to
+# state ...; another operation is in progress") are what a query in flight gets
+# when its server shuts down.
+OUTAGE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+@contextlib.contextmanager
+def _outage_is_unavailable() -> Iterator[None]:
+    try:
+        yield
+    except OUTAGE as exc:
+        raise Unavailable(f"PostgreSQL unavailable: {describe(exc)}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +119,10 @@ async def _create_database_if_missing(dsn: str) -> None:
 
 
 class Store:
-    """The recordings table, over an asyncpg pool owned by the caller."""
+    """The recordings table, over an asyncpg pool owned by the caller.
+
+    Every method raises ``Unavailable`` when the database cannot be reached.
+    """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -105,8 +133,9 @@ class Store:
         A row that had failed (and is being replayed) is reopened with its
         committed stages kept.
         """
-        row = await self._pool.fetchrow(
-            """
+        with _outage_is_unavailable():
+            row = await self._pool.fetchrow(
+                """
             INSERT INTO recordings AS r
                 (recording_sid, call_sid, account_sid, business_id, status, duration_s,
                  attempts, entry_id)
@@ -122,35 +151,37 @@ class Store:
                 updated_at = now()
             RETURNING status, audio_path, audio_bytes, transcript
             """,
-            event.recording_sid,
-            event.call_sid,
-            event.account_sid,
-            event.business_id,
-            event.duration_s,
-            entry_id,
-        )
+                event.recording_sid,
+                event.call_sid,
+                event.account_sid,
+                event.business_id,
+                event.duration_s,
+                entry_id,
+            )
         return Progress(row["status"], row["audio_path"], row["audio_bytes"], row["transcript"])
 
     async def downloaded(self, recording_sid: str, *, path: str, size: int) -> None:
         """Commit the download stage."""
-        await self._pool.execute(
-            """
+        with _outage_is_unavailable():
+            await self._pool.execute(
+                """
             UPDATE recordings SET audio_path = $2, audio_bytes = $3, downloaded_at = now(),
                 status = CASE WHEN status = 'received' THEN 'downloaded' ELSE status END,
                 updated_at = now()
             WHERE recording_sid = $1
             """,
-            recording_sid,
-            path,
-            size,
-        )
+                recording_sid,
+                path,
+                size,
+            )
 
     async def completed(
         self, recording_sid: str, *, transcript: str | None, model: str | None
     ) -> None:
         """Commit the transcript (if any) and mark the recording completed."""
-        await self._pool.execute(
-            """
+        with _outage_is_unavailable():
+            await self._pool.execute(
+                """
             UPDATE recordings SET status = 'completed', error = NULL,
                 transcript = COALESCE($2, transcript),
                 transcript_model = COALESCE($3, transcript_model),
@@ -158,15 +189,16 @@ class Store:
                 completed_at = now(), updated_at = now()
             WHERE recording_sid = $1
             """,
-            recording_sid,
-            transcript,
-            model,
-        )
+                recording_sid,
+                transcript,
+                model,
+            )
 
     async def terminal(self, event: RecordingEvent, *, entry_id: str) -> None:
         """Record a recording Twilio reported as absent or failed (nothing to download)."""
-        await self._pool.execute(
-            """
+        with _outage_is_unavailable():
+            await self._pool.execute(
+                """
             INSERT INTO recordings AS r
                 (recording_sid, call_sid, account_sid, business_id, status, duration_s,
                  attempts, entry_id, error, completed_at)
@@ -174,20 +206,21 @@ class Store:
             ON CONFLICT (recording_sid) DO UPDATE SET
                 attempts = r.attempts + 1, updated_at = now()
             """,
-            event.recording_sid,
-            event.call_sid,
-            event.account_sid,
-            event.business_id,
-            event.status,
-            event.duration_s,
-            entry_id,
-            f"Twilio reported the recording {event.status}",
-        )
+                event.recording_sid,
+                event.call_sid,
+                event.account_sid,
+                event.business_id,
+                event.status,
+                event.duration_s,
+                entry_id,
+                f"Twilio reported the recording {event.status}",
+            )
 
     async def failed(self, event: RecordingEvent, *, entry_id: str, error: str) -> None:
         """Mark a recording failed with its reason (its entry is being dead-lettered)."""
-        await self._pool.execute(
-            """
+        with _outage_is_unavailable():
+            await self._pool.execute(
+                """
             INSERT INTO recordings AS r
                 (recording_sid, call_sid, account_sid, business_id, status, duration_s,
                  attempts, entry_id, error)
@@ -197,11 +230,11 @@ class Store:
                 error = CASE WHEN r.status = 'completed' THEN r.error ELSE EXCLUDED.error END,
                 updated_at = now()
             """,
-            event.recording_sid,
-            event.call_sid,
-            event.account_sid,
-            event.business_id,
-            event.duration_s,
-            entry_id,
-            error,
-        )
+                event.recording_sid,
+                event.call_sid,
+                event.account_sid,
+                event.business_id,
+                event.duration_s,
+                entry_id,
+                error,
+            )

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from streamrec import service
+from streamrec.devservers import LocalPostgres
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
-from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
+from streamrec.metrics import Metrics
+from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
 from streamrec.settings import Settings
 from streamrec.store import Store
-from tests.conftest import entries
+from tests.conftest import entries, wait_for
 from tests.standins import (
     ACCOUNT_SID,
     AUDIO,
@@ -241,3 +245,64 @@ async def test_a_redelivery_resumes_after_committed_stages(
     assert row["attempts"] == 2
     assert media.requests[sid] == 0
     assert openai_api.calls[sid] == 1
+
+
+async def test_a_database_outage_dead_letters_nothing(
+    settings: Settings,
+    media: MediaStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    server_dir: Path,
+) -> None:
+    """PostgreSQL down for longer than the delivery budget: held entries finish once it is back."""
+    server = LocalPostgres(server_dir / f"pg-{keys.namespace}", durable=False).start()
+    database = server.url("streamrec")
+    own = settings.model_copy(update={"database_url": database, "max_deliveries": 2})
+    metrics = Metrics()
+    stop = asyncio.Event()
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=60)
+    consumer = asyncio.create_task(service.consume(own, stop, metrics=metrics))
+    try:
+        first = await _enqueue_one(enqueuer)
+        await wait_for(lambda: media.served[first] == 1, what="the first recording")
+        server.stop()
+        during = [await _enqueue_one(enqueuer) for _ in range(3)]
+        # Well past the two deliveries allowed to a failing entry:
+        await wait_for(lambda: _retries(metrics) >= 10, what="outage retries")
+        server.start()
+        await wait_for(lambda: _completed(database, [first, *during]), what="all completed")
+        assert await redis.xlen(keys.dead) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(consumer, 30)
+        server.stop()
+
+
+def _retries(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("streamrec_retries_total") or 0.0
+
+
+async def _enqueue_one(enqueuer: Enqueuer) -> str:
+    params = callback_params()
+    event = RecordingEvent.create(
+        recording_sid=params["RecordingSid"],
+        call_sid=params["CallSid"],
+        account_sid=ACCOUNT_SID,
+        business_id="7",
+        status="completed",
+    )
+    await enqueuer.enqueue(event)
+    return params["RecordingSid"]
+
+
+async def _completed(database: str, sids: list[str]) -> bool:
+    conn = await asyncpg.connect(database)
+    try:
+        done = await conn.fetchval(
+            "SELECT count(*) FROM recordings"
+            " WHERE status = 'completed' AND recording_sid = ANY($1)",
+            sids,
+        )
+    finally:
+        await conn.close()
+    return int(done) == len(sids)
