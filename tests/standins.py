@@ -148,6 +148,8 @@ class OpenAIStandIn(_Server):
         self.gate: asyncio.Event | None = None
         self.hold: set[str] | None = None
         """With a gate: the recordings held at it (None: all of them)."""
+        self.delay_s = 0.0
+        """Simulated transcription time."""
         self.waiting: Counter[str] = Counter()
 
     async def _transcribe(self, request: web.Request) -> web.Response:
@@ -166,6 +168,8 @@ class OpenAIStandIn(_Server):
         if self.gate is not None and (self.hold is None or sid in self.hold):
             self.waiting[sid] += 1
             await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)  # transcription takes time, not a wait for state
         return web.json_response({"text": f"transcript of {sid}"})
 
 
