@@ -1,11 +1,13 @@
-"""streamrec benchmark: prints figures and, for each, its reference measured in the same run.
+"""streamrec benchmark: prints each figure beside its reference, measured in the same run.
 
-    .venv/bin/python bench/bench.py [--entries 20000] [--only machinery,slots]
+    .venv/bin/python bench/bench.py                 # everything but the 1,000,000-entry memory run
+    .venv/bin/python bench/bench.py --million       # with it
+    .venv/bin/python bench/bench.py --only machinery,latency
 
-Starts its own Redis (and PostgreSQL for the pipeline figures) on free ports, so
-it measures the same thing on any machine and touches nothing else. Absolute
-numbers drift with machine noise; the ratios, CPU time per entry and Redis
-commands per entry move much less.
+Starts its own Redis and PostgreSQL on free ports, so it measures the same
+thing on any machine and touches nothing else. Absolute numbers drift with
+machine noise; the ratios, CPU time per entry and Redis commands per entry move
+much less. Webhook ingest is measured by bench/ingest.py (load from wrk).
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 
+from streamrec import logging as logs
+from streamrec import service, store
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
-from streamrec.devservers import LocalRedis
+from streamrec.devservers import LocalPostgres, LocalRedis, free_port
+from streamrec.events import RecordingEvent
 from streamrec.group import ensure_group
 from streamrec.keys import Keys
+from streamrec.metrics import Metrics
+from streamrec.producer import Enqueuer
 from streamrec.semaphore import Slots
-from streamrec.service import redis_client
+from streamrec.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+ACCOUNT = "AC" + "b" * 32
+TOKEN = "bench-token"  # noqa: S105 - a local stand-in's credential
 
 
 @dataclass
@@ -43,50 +56,44 @@ class Figure:
     name: str
     entries: int
     seconds: float
-    cpu_seconds: float
-    redis_commands: int
+    cpu_seconds: float | None = None
+    redis_commands: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
-        return self.entries / self.seconds
-
-    @property
-    def cpu_us(self) -> float:
-        return self.cpu_seconds / self.entries * 1e6
-
-    @property
-    def commands(self) -> float:
-        return self.redis_commands / self.entries
+        return self.entries / self.seconds if self.seconds else 0.0
 
 
-async def commands_processed(redis: aioredis.Redis) -> int:
-    info = await redis.info("stats")
-    return int(info["total_commands_processed"])
+@dataclass
+class Bench:
+    """Servers and results of one benchmark run."""
+
+    redis: aioredis.Redis
+    redis_url: str
+    directory: Path
+    figures: list[Figure] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        return figure
+
+    def get(self, name: str) -> Figure | None:
+        return next((f for f in self.figures if f.name == name), None)
 
 
-@contextlib.asynccontextmanager
-async def measured(
-    redis: aioredis.Redis, name: str, entries: int, out: list[Figure]
-) -> AsyncIterator[None]:
-    """Measure wall time, this process's CPU time and Redis commands of the block."""
-    before = await commands_processed(redis)
-    cpu, wall = time.process_time(), time.perf_counter()
-    yield
-    seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
-    # Minus the INFO call itself.
-    out.append(
-        Figure(name, entries, seconds, cpu_seconds, await commands_processed(redis) - before - 1)
-    )
+async def commands(redis: aioredis.Redis) -> int:
+    return int((await redis.info("stats"))["total_commands_processed"])
 
 
-async def fill(redis: aioredis.Redis, keys: Keys, entries: int, businesses: int) -> None:
+async def fill(redis: aioredis.Redis, keys: Keys, entries: int, *, businesses: int = 10) -> None:
     """Pre-enqueue ``entries`` small entries spread over ``businesses``."""
     await redis.delete(keys.stream, keys.dead, keys.parked_set)
     await ensure_group(redis, keys)
-    batch = 1000
-    for start in range(0, entries, batch):
+    for start in range(0, entries, 2000):
         async with redis.pipeline(transaction=False) as pipe:
-            for n in range(start, min(start + batch, entries)):
+            for n in range(start, min(start + 2000, entries)):
                 pipe.xadd(keys.stream, {"business_id": f"b{n % businesses}", "n": str(n)})
             await pipe.execute()
 
@@ -95,9 +102,7 @@ async def raw_loop(redis: aioredis.Redis, keys: Keys, entries: int) -> None:
     """The reference: XREADGROUP COUNT 100, then XACK + XDEL pipelined, no handler."""
     done = 0
     while done < entries:
-        reply: Any = await redis.xreadgroup(
-            keys.group, "raw", {keys.stream: ">"}, count=100, block=1000
-        )
+        reply: Any = await redis.xreadgroup(keys.group, "raw", {keys.stream: ">"}, count=100)
         ids = [i for _, batch in reply or [] for i, _ in batch]
         if not ids:
             break
@@ -108,105 +113,255 @@ async def raw_loop(redis: aioredis.Redis, keys: Keys, entries: int) -> None:
         done += len(ids)
 
 
-async def machinery(
-    redis: aioredis.Redis,
-    keys: Keys,
-    *,
-    slots: bool,
-    concurrency: int = 100,
-    handler: Callable[[Delivery], Awaitable[None]] | None = None,
-) -> int:
-    """Drain the stream with the consumer machinery and a no-op (or given) handler."""
-
-    async def noop(delivery: Delivery) -> None:
-        return None
-
-    config = ConsumerConfig(name="bench", concurrency=concurrency, block_ms=10)
-    consumer = Consumer(
-        redis=redis,
-        keys=keys,
-        handler=handler or noop,
-        config=config,
-        slots=Slots(redis, keys, default_limit=concurrency) if slots else None,
-    )
-    await consumer.run(asyncio.Event(), until_idle=True)
-    return consumer.processed
+def worker_command(b: Bench, namespace: str, name: str, *options: str) -> list[str]:
+    return [sys.executable, str(HERE / "worker.py"), b.redis_url, namespace, name, *options]
 
 
-async def bench_machinery(redis: aioredis.Redis, entries: int, out: list[Figure]) -> None:
-    keys = Keys("bench")
-    await fill(redis, keys, entries, businesses=10)
-    async with measured(redis, "raw loop (XREADGROUP 100 + XACK/XDEL)", entries, out):
-        await raw_loop(redis, keys, entries)
-    for slots in (False, True):
-        await fill(redis, keys, entries, businesses=10)
-        name = f"consumer, no-op handler, slots {'on' if slots else 'off'}"
-        async with measured(redis, name, entries, out):
-            done = await machinery(redis, keys, slots=slots)
-        assert done == entries, (done, entries)
+async def run_workers(commands_: list[list[str]]) -> list[dict[str, Any]]:
+    """Run worker processes side by side; their JSON results."""
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for c in commands_
+    ]
+    outs = [await asyncio.to_thread(p.communicate) for p in procs]
+    return [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
 
 
-async def bench_io_bound(redis: aioredis.Redis, entries: int, out: list[Figure]) -> None:
-    """Handlers that each await 50 ms, 100 in flight: the ideal is 2,000 entries/s."""
+async def machinery(b: Bench, entries: int) -> None:
+    """Figure 1: the consumer machinery with a no-op handler, against the raw loop."""
+    keys = Keys("bench-raw")
+    await fill(b.redis, keys, entries)
+    before, cpu, wall = await commands(b.redis), time.process_time(), time.perf_counter()
+    await raw_loop(b.redis, keys, entries)
+    b.add(Figure("raw loop, 1 process", entries, time.perf_counter() - wall,
+                 time.process_time() - cpu, await commands(b.redis) - before - 1))  # fmt: skip
+    runs = [("slots off, 1 process", 1, []), ("slots on, 1 process", 1, ["--slots"]),
+            ("slots on, 2 processes", 2, ["--slots"])]  # fmt: skip
+    for label, processes, options in runs:
+        keys = Keys(f"bench-{processes}-{len(options)}")
+        await fill(b.redis, keys, entries)
+        before = await commands(b.redis)
+        results = await run_workers(
+            [worker_command(b, keys.namespace, f"w{n}", *options) for n in range(processes)]
+        )
+        # A worker's own clock excludes interpreter start-up; the slowest one is the run.
+        seconds = max(float(r["wall_s"]) for r in results)
+        processed = sum(r["processed"] for r in results)
+        assert processed == entries, (processed, entries)
+        cpu_s = sum(r["cpu_s"] for r in results)
+        redis_commands = await commands(b.redis) - before - 1
+        b.add(Figure(f"consumer, no-op, {label}", entries, seconds, cpu_s, redis_commands))
+
+
+async def io_bound(b: Bench, entries: int) -> None:
+    """Figure 5: handlers that each await 50 ms, 100 in flight; the ideal is 2,000/s."""
     keys = Keys("bench-io")
 
     async def wait_50ms(delivery: Delivery) -> None:
         await asyncio.sleep(0.05)  # the I/O being simulated
 
-    for slots in (False, True):
-        await fill(redis, keys, entries, businesses=10)
-        name = f"consumer, 50 ms handler x100, slots {'on' if slots else 'off'}"
-        async with measured(redis, name, entries, out):
-            await machinery(redis, keys, slots=slots, concurrency=100, handler=wait_50ms)
-
-
-def report(figures: list[Figure]) -> None:
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
-        f" Python {platform.python_version()}"
+    await fill(b.redis, keys, entries)
+    consumer = Consumer(
+        redis=b.redis,
+        keys=keys,
+        handler=wait_50ms,
+        config=ConsumerConfig(name="io", concurrency=100, block_ms=10),
+        slots=Slots(b.redis, keys, default_limit=100),
     )
-    print(f"{'figure':<48} {'entries/s':>10} {'CPU µs/entry':>13} {'Redis cmds/entry':>17}")
-    for f in figures:
-        print(f"{f.name:<48} {f.rate:>10,.0f} {f.cpu_us:>13.1f} {f.commands:>17.2f}")
-    by_name = {f.name: f for f in figures}
-    raw = by_name.get("raw loop (XREADGROUP 100 + XACK/XDEL)")
-    off = by_name.get("consumer, no-op handler, slots off")
-    on = by_name.get("consumer, no-op handler, slots on")
-    print()
-    if raw and off:
-        print(f"consumer (slots off) / raw loop:      {off.rate / raw.rate:6.1%}")
-    if raw and on:
-        print(f"consumer (slots on) / raw loop:       {on.rate / raw.rate:6.1%}")
+    wall = time.perf_counter()
+    await consumer.run(asyncio.Event(), until_idle=True)
+    b.add(Figure("50 ms handlers, 100 in flight, slots on", entries, time.perf_counter() - wall))
+
+
+async def latency(b: Bench, count: int) -> None:
+    """Figure 4: enqueue → handler start, entries paced at 100/s, consumer in its own process."""
+    keys = Keys("bench-latency")
+    await b.redis.delete(keys.stream)
+    await ensure_group(b.redis, keys)
+    worker = subprocess.Popen(
+        worker_command(b, keys.namespace, "lat", "--slots", "--latency", "--expect", str(count)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1.0)  # let the worker start and block on its read
+    for n in range(count):
+        await b.redis.xadd(keys.stream, {"business_id": f"b{n % 10}", "t": repr(time.time())})
+        await asyncio.sleep(0.01)  # pacing: 100 entries/s
+    out, _ = await asyncio.to_thread(worker.communicate)
+    samples = sorted(json.loads(out.decode().strip().splitlines()[-1])["latencies"])
+    p50, p99 = samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+    b.add(Figure("pickup latency at 100/s", count, 1.0, extra={"p50_ms": p50 * 1e3,
+                                                                "p99_ms": p99 * 1e3}))  # fmt: skip
+
+
+async def memory(b: Bench, sizes: list[int]) -> None:
+    """Figure 6: consumer RSS and Redis memory after N entries went through."""
+    for size in sizes:
+        keys = Keys(f"bench-mem-{size}")
+        await fill(b.redis, keys, size)
+        [result] = await run_workers([worker_command(b, keys.namespace, "mem", "--slots")])
+        used = int((await b.redis.info("memory"))["used_memory"]) / 2**20
+        extra = {"consumer_rss_mib": result["rss_mib"], "redis_used_mib": used}
+        b.add(Figure(f"memory after {size:,} entries", size, result["wall_s"], extra=extra))
+        await b.redis.delete(keys.stream)
+
+
+@contextlib.contextmanager
+def media_server(port: int) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "media_server.py"), str(port), ACCOUNT, TOKEN],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def pipeline(b: Bench, recordings: int) -> None:
+    """Figure 2: stream → media download → PostgreSQL row, transcription off, 1 process."""
+    postgres = LocalPostgres(
+        b.directory / "postgres", durable=os.environ.get("BENCH_PG_FSYNC", "1") == "1"
+    ).start()
+    port = free_port()
+    keys = Keys("bench-pipeline")
+    try:
+        database = postgres.url("streamrec")
+        await store.migrate(database)
+        enqueuer = Enqueuer(b.redis, keys, dedupe_ttl_s=3600)
+        await ensure_group(b.redis, keys)
+        for start in range(0, recordings, 50):
+            await asyncio.gather(
+                *(enqueuer.enqueue(_event(n)) for n in range(start, min(start + 50, recordings)))
+            )
+        settings = Settings(
+            redis_url=b.redis_url, database_url=database, twilio_account_sid=ACCOUNT,
+            twilio_auth_token=TOKEN, twilio_api_base=f"http://127.0.0.1:{port}",
+            media_dir=b.directory / "media", namespace=keys.namespace, concurrency=32,
+            block_ms=10, metrics_port=0, business_slots=32, _env_file=None,
+        )  # fmt: skip
+        metrics = Metrics()
+        with media_server(port):
+            await asyncio.sleep(1.0)  # the media server's start-up
+            cpu, wall = time.process_time(), time.perf_counter()
+            await service.consume(settings, asyncio.Event(), until_idle=True, metrics=metrics)
+            seconds, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+        stages = {}
+        for stage in ("download", "store"):
+            total = metrics.registry.get_sample_value(
+                "streamrec_stage_seconds_sum", {"stage": stage}
+            )
+            count = metrics.registry.get_sample_value(
+                "streamrec_stage_seconds_count", {"stage": stage}
+            )
+            stages[f"{stage}_ms_per_recording"] = (total or 0) / recordings * 1e3
+            stages[f"{stage}_calls"] = count or 0.0
+        b.add(Figure("pipeline, download + PostgreSQL, 1 process", recordings, seconds, cpu_s,
+                     extra=stages))  # fmt: skip
+    finally:
+        postgres.stop()
+
+
+def _event(n: int) -> RecordingEvent:
+    return RecordingEvent.create(
+        recording_sid=f"RE{n:032x}", call_sid=f"CA{n:032x}", account_sid=ACCOUNT,
+        business_id=f"b{n % 10}", status="completed",
+    )  # fmt: skip
+
+
+def report(b: Bench) -> str:
+    out = [
+        f"machine: {os.cpu_count()} cores, {platform.machine()},"
+        f" Python {platform.python_version()},"
+        f" Redis on loopback (no persistence)",
+        "",
+        f"{'figure':<52} {'per s':>9} {'CPU µs/entry':>13} {'Redis cmds/entry':>17}",
+    ]
+    for f in b.figures:
+        if f.name.startswith(("pickup", "memory")):
+            continue
+        cpu = f"{f.cpu_seconds / f.entries * 1e6:13.1f}" if f.cpu_seconds is not None else " " * 13
+        cmd = f"{f.redis_commands / f.entries:17.2f}" if f.redis_commands is not None else ""
+        out.append(f"{f.name:<52} {f.rate:>9,.0f} {cpu} {cmd}")
+    return "\n".join([*out, "", *ratios(b)])
+
+
+def ratios(b: Bench) -> list[str]:
+    """Each figure against its reference."""
+    raw = b.get("raw loop, 1 process")
+    ratios = []
+    for name in ("consumer, no-op, slots off, 1 process", "consumer, no-op, slots on, 1 process"):
+        measured = b.get(name)
+        if raw and measured:
+            ratios.append(f"{name} / raw loop: {measured.rate / raw.rate:.1%}")
+    on, off = (
+        b.get("consumer, no-op, slots on, 1 process"),
+        b.get("consumer, no-op, slots off, 1 process"),
+    )
     if on and off:
-        print(f"slots on / slots off (no-op handler): {on.rate / off.rate:6.1%}")
-    io_on = by_name.get("consumer, 50 ms handler x100, slots on")
-    io_off = by_name.get("consumer, 50 ms handler x100, slots off")
-    if io_off:
-        print(f"50 ms handlers, slots off / ideal:    {io_off.rate / 2000:6.1%}")
-    if io_on:
-        print(f"50 ms handlers, slots on / ideal:     {io_on.rate / 2000:6.1%}")
+        ratios.append(f"slots on / slots off: {on.rate / off.rate:.1%}")
+    two = b.get("consumer, no-op, slots on, 2 processes")
+    if two:
+        ratios.append(f"2 processes: {two.rate / 2:,.0f} entries/s per process")
+    io = b.get("50 ms handlers, 100 in flight, slots on")
+    if io:
+        ratios.append(f"50 ms handlers / ideal 2,000/s: {io.rate / 2000:.1%}")
+    pipe = b.get("pipeline, download + PostgreSQL, 1 process")
+    if pipe:
+        stages = ", ".join(
+            f"{k} {v:.2f}" for k, v in pipe.extra.items() if k.endswith("_ms_per_recording")
+        )
+        ratios.append(f"pipeline time per recording by stage (summed over concurrency): {stages}")
+    lat = b.get("pickup latency at 100/s")
+    if lat:
+        ratios.append(
+            f"pickup latency at 100/s: p50 {lat.extra['p50_ms']:.2f} ms,"
+            f" p99 {lat.extra['p99_ms']:.2f} ms"
+        )
+    for f in b.figures:
+        if f.name.startswith("memory"):
+            ratios.append(f"{f.name}: consumer RSS {f.extra['consumer_rss_mib']:.1f} MiB,"
+                          f" Redis used {f.extra['redis_used_mib']:.1f} MiB")  # fmt: skip
+    return ratios
+
+
+@contextlib.asynccontextmanager
+async def servers() -> AsyncIterator[Bench]:
+    directory = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
+    directory.chmod(0o755)
+    redis_server = LocalRedis(directory / "redis").start()
+    redis = service.redis_client(redis_server.url)
+    try:
+        yield Bench(redis, redis_server.url, directory)
+    finally:
+        await redis.aclose()
+        redis_server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entries", type=int, default=20_000)
-    parser.add_argument("--only", default="machinery,io", help="comma list: machinery,io")
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument(
+        "--million", action="store_true", help="also the 1,000,000-entry memory run"
+    )
+    parser.add_argument("--only", default="machinery,pipeline,latency,io,memory")
     args = parser.parse_args()
+    logs.configure(fmt="json", level="warning")
     only = set(args.only.split(","))
-    directory = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
-    server = LocalRedis(directory / "redis").start()
-    redis = redis_client(server.url)
-    figures: list[Figure] = []
-    try:
+    async with servers() as b:
         if "machinery" in only:
-            await bench_machinery(redis, args.entries, figures)
+            await machinery(b, args.entries)
+        if "pipeline" in only:
+            await pipeline(b, 5_000)
+        if "latency" in only:
+            await latency(b, 1_000)
         if "io" in only:
-            await bench_io_bound(redis, min(args.entries, 4000), figures)
-    finally:
-        await redis.aclose()
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-    report(figures)
+            await io_bound(b, 10_000)
+        if "memory" in only:
+            await memory(b, [10_000, 1_000_000] if args.million else [10_000, 100_000])
+        print(report(b))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from streamrec import deadletters
 from streamrec.aio import first, wait_set
+from streamrec.batch import Batcher
 from streamrec.group import Group, ensure_group
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
@@ -139,10 +140,9 @@ class Consumer:
         self._group = Group(redis, keys, config.name)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, Held] = {}
-        self._acks: list[tuple[str, asyncio.Future[None]]] = []
-        self._acks_waiting = asyncio.Event()
-        # Refill in batches: read once a quarter of the concurrency is free, not per entry.
-        self._low_water = max(1, min(config.concurrency // 4, 64))
+        self._acks: Batcher[str, None] = Batcher(self._flush)
+        # Refill in batches: read once a tenth of the concurrency is free, not per entry.
+        self._low_water = max(1, min(config.concurrency // 10, 64))
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
@@ -171,7 +171,6 @@ class Consumer:
         await self._group.ensure()
         log.info("consumer_started", consumer=self.name, concurrency=self._config.concurrency)
         renewer = asyncio.create_task(self._renew_forever())
-        acker = asyncio.create_task(self._ack_forever())
         failures = 0
         try:
             while not stop.is_set():
@@ -185,10 +184,9 @@ class Consumer:
                     await self._recover(exc, failures)
         finally:
             await self._drain()
-            for task in (renewer, acker):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
             with contextlib.suppress(RedisError):
                 await self._group.leave()
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
@@ -351,30 +349,11 @@ class Consumer:
         Acks are flushed in batches: one round trip for every entry that finished
         while the previous flush was under way.
         """
-        done = asyncio.get_running_loop().create_future()
-        self._acks.append((entry_id, done))
-        self._acks_waiting.set()
-        await done
+        await self._acks.submit(entry_id)
         self.processed += 1
         self._metrics.entries.labels("completed").inc()
 
-    async def _ack_forever(self) -> None:
-        while True:
-            await self._acks_waiting.wait()
-            self._acks_waiting.clear()
-            batch, self._acks = self._acks, []
-            try:
-                await self._flush([entry_id for entry_id, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-
-    async def _flush(self, ids: list[str]) -> None:
+    async def _flush(self, ids: list[str]) -> list[None]:
         """XACK + XDEL ``ids``; those holding slots free them (and wake parked) in the same call."""
         held = [self._held[i] for i in ids if i in self._held]
         plain = [i for i in ids if i not in self._held]
@@ -384,6 +363,7 @@ class Consumer:
                 self._held.pop(h.entry_id, None)
         if plain:
             await self._group.ack(plain)
+        return [None] * len(ids)
 
     async def _release(self, entry_id: str) -> None:
         """Free the slot of an entry that was not acked (dead-lettered or left pending)."""
@@ -397,7 +377,7 @@ class Consumer:
     async def _dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
         """Record the failure with the handler's hook, then move the entry atomically."""
         if self._on_dead is not None:
-            await self._on_dead(delivery, reason)
+            await self._on_dead(replace(delivery, deliveries=attempts), reason)
         async with self._redis.pipeline(transaction=True) as pipe:
             deadletters.add_move(
                 pipe,
@@ -430,7 +410,7 @@ class Consumer:
         ids = list(self._inflight)
         if ids:
             counts = await self._group.renew(ids)
-            lost = [i for i, count in zip(ids, counts, strict=True) if count < 0]
+            lost = [i for i, count in zip(ids, counts, strict=True) if count == -1]
             if lost:
                 log.warning("claims_lost", entry_ids=lost)
         if self._slots is not None:

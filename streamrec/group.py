@@ -16,13 +16,16 @@ from redis.exceptions import ResponseError
 
 from streamrec.keys import Keys
 
-# Per id: its delivery count after the call, or -1 when this consumer no longer
-# owns it. With ARGV[3] == "1" the count is raised by one (a retry is a delivery).
+# Per id: its delivery count after the call; -1 when another consumer owns it
+# now, -2 when it is not pending at all (acked meanwhile). With ARGV[3] == "1"
+# the count is raised by one (a retry is a delivery).
 CLAIM_OWN = """
 local out = {}
 for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if p and p[2] == ARGV[2] then
+  if not p then
+    out[#out + 1] = -2
+  elseif p[2] == ARGV[2] then
     local count = p[4]
     if ARGV[3] == '1' then count = count + 1 end
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', count, 'JUSTID')
@@ -117,7 +120,8 @@ class Group:
     async def renew(self, ids: Sequence[str], *, bump: bool = False) -> list[int]:
         """Reset the idle time of entries still ours (``bump``: count one more delivery).
 
-        Returns each id's delivery count, or -1 where another consumer owns it now.
+        Returns each id's delivery count; -1 where another consumer owns it now, -2
+        where it is no longer pending (its ack went through meanwhile).
         """
         if not ids:
             return []

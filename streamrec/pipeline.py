@@ -41,31 +41,45 @@ class RecordingPipeline:
         """Take one recording as far as it goes; returns once the row is final."""
         event = _decode(delivery)
         if event.status != "completed":
-            await self._store.terminal(event, entry_id=delivery.entry_id)
+            await self._store.terminal(
+                event, entry_id=delivery.entry_id, attempts=delivery.deliveries
+            )
             log.info("recording_marked", status=event.status)
             return
         await self._run(event, delivery)
 
     async def _run(self, event: RecordingEvent, delivery: Delivery) -> None:
-        stage = self._metrics.stage
+        stage, record = self._metrics.stage, self._store
+        entry_id, attempts = delivery.entry_id, delivery.deliveries
         with stage("store"):
-            progress = await self._store.begin(event, entry_id=delivery.entry_id)
-        if progress.status == "completed":
+            progress = await record.progress(event.recording_sid)
+        if progress is not None and progress.status == "completed":
             log.info("recording_already_done")
             return
         path = self._media.path_for(event)
-        if progress.audio_path is None or not path.exists():
+        if progress is not None and progress.audio_path is not None and path.exists():
+            size = progress.audio_bytes or path.stat().st_size
+        else:
             with stage("download"):
                 path, size = await self._media.download(event)
-            with stage("store"):
-                await self._store.downloaded(event.recording_sid, path=str(path), size=size)
+            if self._transcriber is not None:
+                # Worth a commit only when a slow stage follows that could fail.
+                with stage("store"):
+                    await record.downloaded(
+                        event, entry_id=entry_id, attempts=attempts, path=str(path), size=size
+                    )
         transcript = model = None
-        if self._transcriber is not None and progress.transcript is None:
-            with stage("transcribe"):
-                transcript = await self._transcriber.transcribe(path)
+        if self._transcriber is not None:
+            transcript = progress.transcript if progress is not None else None
+            if transcript is None:
+                with stage("transcribe"):
+                    transcript = await self._transcriber.transcribe(path)
             model = self._transcriber.model
         with stage("store"):
-            await self._store.completed(event.recording_sid, transcript=transcript, model=model)
+            await record.completed(
+                event, entry_id=entry_id, attempts=attempts, path=str(path), size=size,
+                transcript=transcript, model=model,
+            )  # fmt: skip
         log.info("recording_completed", attempt=delivery.deliveries)
 
     async def dead(self, delivery: Delivery, reason: str) -> None:
@@ -74,7 +88,9 @@ class RecordingPipeline:
             event = RecordingEvent.from_fields(delivery.fields)
         except InvalidEvent:
             return  # nothing identifies a row; the dead-letter entry keeps the fields
-        await self._store.failed(event, entry_id=delivery.entry_id, error=reason)
+        await self._store.failed(
+            event, entry_id=delivery.entry_id, error=reason, attempts=delivery.deliveries
+        )
 
 
 def _decode(delivery: Delivery) -> RecordingEvent:

@@ -79,7 +79,10 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     # No connection floor: during a database outage a floor only means a
     # background task retrying (and logging) connects nobody asked for.
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=0, max_size=min(settings.concurrency, 20)
+        settings.database_url,
+        min_size=0,
+        max_size=min(settings.concurrency, 20),
+        connection_class=store.PlainConnection,
     )
     try:
         yield pool

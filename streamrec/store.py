@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from streamrec.batch import Batcher
 from streamrec.events import RecordingEvent
 from streamrec.retry import Unavailable, describe
 
@@ -118,123 +119,176 @@ async def _create_database_if_missing(dsn: str) -> None:
         await admin.close()
 
 
+class PlainConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool connection that is not reset on release.
+
+    streamrec's statements leave no session state behind (no SET, LISTEN,
+    cursors or advisory locks outside ``migrate``), and the default reset is a
+    second round trip for every query.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One row write: the recording and the stages it has reached."""
+
+    event: RecordingEvent
+    entry_id: str
+    attempts: int
+    status: str
+    path: str
+    size: int
+    transcript: str | None = None
+    model: str | None = None
+
+
+# One statement for a whole batch of stage writes (one round trip, one commit).
+WRITE_STAGES = """
+INSERT INTO recordings AS r
+    (recording_sid, call_sid, account_sid, business_id, status, duration_s,
+     attempts, entry_id, audio_path, audio_bytes, downloaded_at,
+     transcript, transcript_model, transcribed_at, completed_at)
+SELECT sid, call, account, business, status, duration, attempts, entry, path, size, now(),
+       transcript, model,
+       CASE WHEN transcript IS NULL THEN NULL ELSE now() END,
+       CASE WHEN status = 'completed' THEN now() END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+            $7::int[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[])
+     AS t(sid, call, account, business, status, duration, attempts, entry, path, size,
+          transcript, model)
+ON CONFLICT (recording_sid) DO UPDATE SET
+    status = CASE WHEN r.status = 'completed' THEN r.status ELSE EXCLUDED.status END,
+    attempts = GREATEST(r.attempts, EXCLUDED.attempts),
+    entry_id = EXCLUDED.entry_id,
+    audio_path = EXCLUDED.audio_path,
+    audio_bytes = EXCLUDED.audio_bytes,
+    downloaded_at = COALESCE(r.downloaded_at, EXCLUDED.downloaded_at),
+    transcript = COALESCE(EXCLUDED.transcript, r.transcript),
+    transcript_model = COALESCE(EXCLUDED.transcript_model, r.transcript_model),
+    transcribed_at = COALESCE(EXCLUDED.transcribed_at, r.transcribed_at),
+    completed_at = COALESCE(r.completed_at, EXCLUDED.completed_at),
+    error = NULL,
+    updated_at = now()
+"""
+
+
 class Store:
     """The recordings table, over an asyncpg pool owned by the caller.
 
-    Every method raises ``Unavailable`` when the database cannot be reached.
+    A recording costs one read and one write when transcription is off (one
+    more write, the download, when it is on). Reads and writes of recordings
+    in flight together share round trips and commits. Every method raises
+    ``Unavailable`` when the database cannot be reached.
     """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
+        self._reads: Batcher[str, Progress | None] = Batcher(self._read)
+        self._writes: Batcher[Stage, None] = Batcher(self._write)
 
-    async def begin(self, event: RecordingEvent, *, entry_id: str) -> Progress:
-        """Create the row if missing, count the attempt, and return how far it got.
+    async def progress(self, recording_sid: str) -> Progress | None:
+        """How far a recording got, or None if it has no row yet."""
+        return await self._reads.submit(recording_sid)
 
-        A row that had failed (and is being replayed) is reopened with its
-        committed stages kept.
-        """
+    async def _read(self, sids: list[str]) -> list[Progress | None]:
         with _outage_is_unavailable():
-            row = await self._pool.fetchrow(
-                """
-            INSERT INTO recordings AS r
-                (recording_sid, call_sid, account_sid, business_id, status, duration_s,
-                 attempts, entry_id)
-            VALUES ($1, $2, $3, $4, 'received', $5, 1, $6)
-            ON CONFLICT (recording_sid) DO UPDATE SET
-                attempts = r.attempts + 1,
-                entry_id = EXCLUDED.entry_id,
-                status = CASE
-                    WHEN r.status <> 'failed' THEN r.status
-                    WHEN r.audio_path IS NULL THEN 'received'
-                    ELSE 'downloaded' END,
-                error = CASE WHEN r.status = 'failed' THEN NULL ELSE r.error END,
-                updated_at = now()
-            RETURNING status, audio_path, audio_bytes, transcript
-            """,
-                event.recording_sid,
-                event.call_sid,
-                event.account_sid,
-                event.business_id,
-                event.duration_s,
-                entry_id,
+            rows = await self._pool.fetch(
+                "SELECT recording_sid, status, audio_path, audio_bytes, transcript"
+                " FROM recordings WHERE recording_sid = ANY($1::text[])",
+                sids,
             )
-        return Progress(row["status"], row["audio_path"], row["audio_bytes"], row["transcript"])
+        found = {
+            r["recording_sid"]: Progress(r["status"], r["audio_path"], r["audio_bytes"],
+                                         r["transcript"])
+            for r in rows
+        }  # fmt: skip
+        return [found.get(sid) for sid in sids]
 
-    async def downloaded(self, recording_sid: str, *, path: str, size: int) -> None:
-        """Commit the download stage."""
-        with _outage_is_unavailable():
-            await self._pool.execute(
-                """
-            UPDATE recordings SET audio_path = $2, audio_bytes = $3, downloaded_at = now(),
-                status = CASE WHEN status = 'received' THEN 'downloaded' ELSE status END,
-                updated_at = now()
-            WHERE recording_sid = $1
-            """,
-                recording_sid,
-                path,
-                size,
-            )
+    async def downloaded(
+        self, event: RecordingEvent, *, entry_id: str, attempts: int, path: str, size: int
+    ) -> None:
+        """Commit the download stage (creating the row, or reopening a failed one)."""
+        await self._writes.submit(Stage(event, entry_id, attempts, "downloaded", path, size))
 
     async def completed(
-        self, recording_sid: str, *, transcript: str | None, model: str | None
+        self,
+        event: RecordingEvent,
+        *,
+        entry_id: str,
+        attempts: int,
+        path: str,
+        size: int,
+        transcript: str | None,
+        model: str | None,
     ) -> None:
-        """Commit the transcript (if any) and mark the recording completed."""
-        with _outage_is_unavailable():
-            await self._pool.execute(
-                """
-            UPDATE recordings SET status = 'completed', error = NULL,
-                transcript = COALESCE($2, transcript),
-                transcript_model = COALESCE($3, transcript_model),
-                transcribed_at = CASE WHEN $2::text IS NULL THEN transcribed_at ELSE now() END,
-                completed_at = now(), updated_at = now()
-            WHERE recording_sid = $1
-            """,
-                recording_sid,
-                transcript,
-                model,
-            )
+        """Commit the recording as completed, with its audio and transcript (if any)."""
+        stage = Stage(event, entry_id, attempts, "completed", path, size, transcript, model)
+        await self._writes.submit(stage)
 
-    async def terminal(self, event: RecordingEvent, *, entry_id: str) -> None:
+    async def _write(self, stages: list[Stage]) -> list[None]:
+        # One statement may not touch a row twice: the last write of a recording wins.
+        latest = {stage.event.recording_sid: stage for stage in stages}.values()
+        columns: list[list[Any]] = [[] for _ in range(12)]
+        for st in latest:
+            e = st.event
+            values = (e.recording_sid, e.call_sid, e.account_sid, e.business_id, st.status,
+                      e.duration_s, st.attempts, st.entry_id, st.path, st.size, st.transcript,
+                      st.model)  # fmt: skip
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        with _outage_is_unavailable():
+            await self._pool.execute(WRITE_STAGES, *columns)
+        return [None] * len(stages)
+
+    async def terminal(self, event: RecordingEvent, *, entry_id: str, attempts: int = 1) -> None:
         """Record a recording Twilio reported as absent or failed (nothing to download)."""
         with _outage_is_unavailable():
             await self._pool.execute(
                 """
-            INSERT INTO recordings AS r
-                (recording_sid, call_sid, account_sid, business_id, status, duration_s,
-                 attempts, entry_id, error, completed_at)
-            VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8, now())
-            ON CONFLICT (recording_sid) DO UPDATE SET
-                attempts = r.attempts + 1, updated_at = now()
-            """,
+                INSERT INTO recordings AS r
+                    (recording_sid, call_sid, account_sid, business_id, status, duration_s,
+                     attempts, entry_id, error, completed_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())
+                ON CONFLICT (recording_sid) DO UPDATE SET
+                    attempts = GREATEST(r.attempts, EXCLUDED.attempts), updated_at = now()
+                """,
                 event.recording_sid,
                 event.call_sid,
                 event.account_sid,
                 event.business_id,
                 event.status,
                 event.duration_s,
+                attempts,
                 entry_id,
                 f"Twilio reported the recording {event.status}",
             )
 
-    async def failed(self, event: RecordingEvent, *, entry_id: str, error: str) -> None:
+    async def failed(
+        self, event: RecordingEvent, *, entry_id: str, error: str, attempts: int = 1
+    ) -> None:
         """Mark a recording failed with its reason (its entry is being dead-lettered)."""
         with _outage_is_unavailable():
             await self._pool.execute(
                 """
-            INSERT INTO recordings AS r
-                (recording_sid, call_sid, account_sid, business_id, status, duration_s,
-                 attempts, entry_id, error)
-            VALUES ($1, $2, $3, $4, 'failed', $5, 1, $6, $7)
-            ON CONFLICT (recording_sid) DO UPDATE SET
-                status = CASE WHEN r.status = 'completed' THEN r.status ELSE 'failed' END,
-                error = CASE WHEN r.status = 'completed' THEN r.error ELSE EXCLUDED.error END,
-                updated_at = now()
-            """,
+                INSERT INTO recordings AS r
+                    (recording_sid, call_sid, account_sid, business_id, status, duration_s,
+                     attempts, entry_id, error)
+                VALUES ($1, $2, $3, $4, 'failed', $5, $6, $7, $8)
+                ON CONFLICT (recording_sid) DO UPDATE SET
+                    status = CASE WHEN r.status = 'completed' THEN r.status ELSE 'failed' END,
+                    error = CASE WHEN r.status = 'completed' THEN r.error ELSE EXCLUDED.error END,
+                    attempts = GREATEST(r.attempts, EXCLUDED.attempts),
+                    updated_at = now()
+                """,
                 event.recording_sid,
                 event.call_sid,
                 event.account_sid,
                 event.business_id,
                 event.duration_s,
+                attempts,
                 entry_id,
                 error,
             )

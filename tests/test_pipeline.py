@@ -236,13 +236,12 @@ async def test_a_redelivery_resumes_after_committed_stages(
     path = settings.media_dir / "7" / f"{sid}.mp3"
     path.parent.mkdir(parents=True)
     path.write_bytes(AUDIO)
-    await Store(db).begin(event, entry_id="0-1")
-    await Store(db).downloaded(sid, path=str(path), size=len(AUDIO))
+    await Store(db).downloaded(event, entry_id="0-1", attempts=1, path=str(path), size=len(AUDIO))
     await redis.xadd(keys.stream, event.to_fields())  # type: ignore[arg-type]
     await consume_all(settings)
     row = (await rows(db))[sid]
     assert row["status"] == "completed"
-    assert row["attempts"] == 2
+    assert row["transcript"] == f"transcript of {sid}"
     assert media.requests[sid] == 0
     assert openai_api.calls[sid] == 1
 

@@ -68,23 +68,26 @@ async def test_migrate_creates_missing_database_and_is_idempotent(missing_databa
 
 
 async def test_recording_sid_is_unique(db: Any) -> None:
-    """Two begins of one recording leave one row, with attempts == 2 and the latest entry id."""
+    """Two writes of one recording leave one row, with the highest attempts and latest entry id."""
     recording = event()
-    first = await Store(db).begin(recording, entry_id="1-0")
-    second = await Store(db).begin(recording, entry_id="2-0")
-    assert first == second == Progress("received", None, None, None)
+    records = Store(db)
+    assert await records.progress(recording.recording_sid) is None
+    await records.downloaded(recording, entry_id="1-0", attempts=1, path="/m/x.mp3", size=10)
+    await records.downloaded(recording, entry_id="2-0", attempts=2, path="/m/x.mp3", size=10)
     assert await db.fetchval("SELECT count(*) FROM recordings") == 1
     stored = await row(db, recording.recording_sid)
     assert stored["attempts"] == 2
     assert stored["entry_id"] == "2-0"
     assert stored["call_sid"] == recording.call_sid
     assert stored["duration_s"] == 42
+    progress = await records.progress(recording.recording_sid)
+    assert progress == Progress("downloaded", "/m/x.mp3", 10, None)
 
 
 async def test_recording_sid_is_the_primary_key(db: Any) -> None:
     """The table itself refuses a second row of one RecordingSid."""
     recording = event()
-    await Store(db).begin(recording, entry_id="1-0")
+    await Store(db).downloaded(recording, entry_id="1-0", attempts=1, path="/m/x.mp3", size=1)
     with pytest.raises(asyncpg.UniqueViolationError):
         await db.execute(
             "INSERT INTO recordings (recording_sid, call_sid, account_sid, business_id, status)"
@@ -95,41 +98,44 @@ async def test_recording_sid_is_the_primary_key(db: Any) -> None:
         )
 
 
-async def test_failed_then_begin_reopens_the_row(db: Any) -> None:
-    """A failed recording that is begun again is reopened as received, its error cleared."""
+async def test_a_failed_recording_is_reopened_by_its_next_stage(db: Any) -> None:
+    """A failed recording that is replayed and downloads again is reopened, its error cleared."""
     recording = event()
     records = Store(db)
-    await records.begin(recording, entry_id="1-0")
-    await records.failed(recording, entry_id="1-0", error="download failed: 500")
+    await records.failed(recording, entry_id="1-0", error="download failed: 500", attempts=3)
     stored = await row(db, recording.recording_sid)
-    assert (stored["status"], stored["error"]) == ("failed", "download failed: 500")
-
-    progress = await records.begin(recording, entry_id="3-0")
-    assert progress == Progress("received", None, None, None)
+    assert (stored["status"], stored["error"], stored["attempts"]) == (
+        "failed", "download failed: 500", 3
+    )  # fmt: skip
+    await records.downloaded(recording, entry_id="3-0", attempts=1, path="/m/x.mp3", size=9)
     stored = await row(db, recording.recording_sid)
-    assert (stored["status"], stored["error"], stored["attempts"]) == ("received", None, 2)
+    assert (stored["status"], stored["error"], stored["attempts"]) == ("downloaded", None, 3)
 
 
-async def test_failed_after_download_reopens_at_downloaded(db: Any) -> None:
-    """A recording that failed after its download is reopened with the download kept."""
+async def test_a_failure_after_the_download_keeps_it(db: Any) -> None:
+    """A recording that failed after its download still shows the download, then completes."""
     recording = event()
     records = Store(db)
-    await records.begin(recording, entry_id="1-0")
-    await records.downloaded(recording.recording_sid, path="/media/x.mp3", size=2014)
+    await records.downloaded(recording, entry_id="1-0", attempts=1, path="/m/x.mp3", size=2014)
     await records.failed(recording, entry_id="1-0", error="transcription failed")
-
-    progress = await records.begin(recording, entry_id="3-0")
-    assert progress == Progress("downloaded", "/media/x.mp3", 2014, None)
+    progress = await records.progress(recording.recording_sid)
+    assert progress == Progress("failed", "/m/x.mp3", 2014, None)
+    await records.completed(
+        recording, entry_id="2-0", attempts=1, path="/m/x.mp3", size=2014,
+        transcript="hello", model="m",
+    )  # fmt: skip
     stored = await row(db, recording.recording_sid)
-    assert (stored["status"], stored["error"]) == ("downloaded", None)
+    assert (stored["status"], stored["error"], stored["transcript"]) == ("completed", None, "hello")
 
 
 async def test_failed_never_downgrades_a_completed_recording(db: Any) -> None:
-    """failed on a completed recording keeps it completed."""
+    """failed on a completed recording keeps it completed, with no error."""
     recording = event()
     records = Store(db)
-    await records.begin(recording, entry_id="1-0")
-    await records.downloaded(recording.recording_sid, path="/media/x.mp3", size=2014)
-    await records.completed(recording.recording_sid, transcript="hello", model="m")
+    await records.completed(
+        recording, entry_id="1-0", attempts=1, path="/m/x.mp3", size=2014,
+        transcript="hello", model="m",
+    )  # fmt: skip
     await records.failed(recording, entry_id="1-0", error="late failure")
-    assert (await row(db, recording.recording_sid))["status"] == "completed"
+    stored = await row(db, recording.recording_sid)
+    assert (stored["status"], stored["error"]) == ("completed", None)

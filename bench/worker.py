@@ -1,0 +1,92 @@
+"""A benchmark consumer process: drains the stream with a no-op handler through the Python API.
+
+    python bench/worker.py REDIS_URL NAMESPACE NAME [--slots] [--concurrency 100]
+        [--latency] [--expect N]
+
+Prints one JSON line: entries processed, wall and CPU seconds, peak RSS, and
+(with --latency) each entry's pickup latency from its ``t`` field (enqueue
+time, seconds since the epoch) to the handler's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from streamrec import logging as logs
+from streamrec.consumer import Consumer, ConsumerConfig, Delivery
+from streamrec.keys import Keys
+from streamrec.semaphore import Slots
+from streamrec.service import redis_client
+
+
+def rss_mib() -> float:
+    """Resident set size now, from /proc (peak from getrusage where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("redis_url")
+    parser.add_argument("namespace")
+    parser.add_argument("name")
+    parser.add_argument("--slots", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--expect", type=int, default=0, help="stop after this many entries")
+    args = parser.parse_args()
+    logs.configure(fmt="json", level="warning")
+    # Draining: a short block ends the run soon after the stream is empty. Latency:
+    # a long one, as in production, so the consumer sleeps in XREADGROUP.
+    block_ms = 2_000 if args.latency else 10
+    redis = redis_client(args.redis_url, block_ms=block_ms)
+    keys = Keys(args.namespace)
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        if args.latency:
+            latencies.append(time.time() - float(delivery.fields["t"]))
+
+    consumer = Consumer(
+        redis=redis,
+        keys=keys,
+        handler=handler,
+        config=ConsumerConfig(name=args.name, concurrency=args.concurrency, block_ms=block_ms),
+        slots=Slots(redis, keys, default_limit=args.concurrency) if args.slots else None,
+    )
+    cpu, wall = time.process_time(), time.perf_counter()
+    if args.expect:
+        run = asyncio.create_task(consumer.run(stop))
+        while consumer.processed < args.expect and not run.done():
+            await asyncio.sleep(0.01)  # polling a counter of this process only
+        stop.set()
+        await run
+    else:
+        await consumer.run(stop, until_idle=True)
+    result = {
+        "processed": consumer.processed,
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "rss_mib": rss_mib(),
+        "latencies": latencies,
+    }
+    await redis.aclose()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

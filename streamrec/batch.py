@@ -1,0 +1,52 @@
+"""Coalescing concurrent calls into one: whatever arrives during a call forms the next.
+
+Used where many in-flight entries each need one round trip of the same kind
+(acks, row reads, row writes): under load they share a round trip (and, for
+PostgreSQL, a commit), and when idle a lone call goes out at once, adding no
+latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Runs ``run(items)`` for batches of submitted items; ``run`` returns one result per item."""
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_size: int = 500):
+        self._run = run
+        self._max = max_size
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        """The result of ``item``, once the batch it went out with is done (or its error)."""
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await done
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+            try:
+                results = list(await self._run([item for item, _ in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            except BaseException as exc:  # a cancelled flush must not strand its callers
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        done.set_result(result)
