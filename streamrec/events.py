@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 SCHEMA_VERSION = "1"
@@ -43,10 +43,23 @@ class RecordingEvent:
 
     def to_fields(self) -> dict[str, str]:
         """Encode as stream fields: readable strings, empty for a missing value."""
-        fields = {"v": SCHEMA_VERSION}
-        for name, value in asdict(self).items():
-            fields[name] = "" if value is None else str(value)
-        return fields
+        items = self.field_list()
+        return dict(zip(items[::2], items[1::2], strict=True))
+
+    def field_list(self) -> list[str]:
+        """The stream fields as a flat [name, value, ...] list, schema version first."""
+        return [
+            "v", SCHEMA_VERSION,
+            "recording_sid", self.recording_sid,
+            "call_sid", self.call_sid,
+            "account_sid", self.account_sid,
+            "business_id", self.business_id,
+            "status", self.status,
+            "duration_s", "" if self.duration_s is None else str(self.duration_s),
+            "channels", "" if self.channels is None else str(self.channels),
+            "source", self.source,
+            "received_ms", str(self.received_ms),
+        ]  # fmt: skip
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> RecordingEvent:

@@ -3,12 +3,15 @@
 A callback is answered 2xx only once its event is in Redis (503 while Redis is
 unreachable, so Twilio retries). Retries and duplicate callbacks of one
 recording add one entry: a Lua script checks the RecordingSid marker and XADDs
-in one atomic call.
+in one atomic call. Callbacks arriving together share that call (each is still
+answered only after its own entry is in).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
+from streamrec.batch import Batcher
 from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
 from streamrec.keys import Keys
 from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
@@ -29,12 +33,24 @@ WEBHOOK_PATH = "/twilio/recording"
 
 # KEYS: marker, stream. ARGV: marker ttl, then field/value pairs.
 # Returns {1, id} when added, {0, id-of-the-first} for a duplicate.
+# KEYS: stream, then each event's marker. ARGV: marker ttl, then each event's
+# fields as one JSON array [name, value, ...]. Returns per event: 1 and its new
+# id, or 0 and the id its recording was first added as.
 ENQUEUE_ONCE = """
-local seen = redis.call('GET', KEYS[1])
-if seen then return {0, seen} end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-return {1, id}
+local out = {}
+for k = 2, #KEYS do
+  local seen = redis.call('GET', KEYS[k])
+  if seen then
+    out[#out + 1] = 0
+    out[#out + 1] = seen
+  else
+    local id = redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[k])))
+    redis.call('SET', KEYS[k], id, 'EX', ARGV[1])
+    out[#out + 1] = 1
+    out[#out + 1] = id
+  end
+end
+return out
 """
 
 
@@ -55,6 +71,7 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 
 REDIS_KEY: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
 CONFIG_KEY: web.AppKey[WebhookConfig] = web.AppKey("config", WebhookConfig)
+VALIDATOR_KEY: web.AppKey[RequestValidator] = web.AppKey("validator", RequestValidator)
 CHECKS_KEY: web.AppKey[dict[str, ReadinessCheck]] = web.AppKey("checks", dict)
 
 
@@ -65,16 +82,17 @@ class Enqueuer:
         self._keys = keys
         self._ttl = str(dedupe_ttl_s)
         self._script = redis.register_script(ENQUEUE_ONCE)
+        self._batches: Batcher[RecordingEvent, tuple[bool, str]] = Batcher(self._enqueue)
 
     async def enqueue(self, event: RecordingEvent) -> tuple[bool, str]:
         """Add the event unless its recording was seen; returns (added, entry id)."""
-        args: list[str] = [self._ttl]
-        for name, value in event.to_fields().items():
-            args += (name, value)
-        added, entry_id = await self._script(
-            keys=[self._keys.seen(event.recording_sid), self._keys.stream], args=args
-        )
-        return bool(added), str(entry_id)
+        return await self._batches.submit(event)
+
+    async def _enqueue(self, events: list[RecordingEvent]) -> list[tuple[bool, str]]:
+        keys = [self._keys.stream, *(self._keys.seen(e.recording_sid) for e in events)]
+        args = [self._ttl, *(json.dumps(e.field_list()) for e in events)]
+        flat = await self._script(keys=keys, args=args)
+        return [(bool(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 ENQUEUER_KEY: web.AppKey[Enqueuer] = web.AppKey("enqueuer", Enqueuer)
@@ -95,6 +113,7 @@ def create_app(
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REDIS_KEY] = redis
     app[CONFIG_KEY] = config
+    app[VALIDATOR_KEY] = RequestValidator(config.auth_token)
     app[ENQUEUER_KEY] = Enqueuer(redis, config.keys, dedupe_ttl_s=config.dedupe_ttl_s)
     app[METRICS_KEY] = metrics or Metrics()
     app[CHECKS_KEY] = {"redis": lambda: _ping(redis), **(checks or {})}
@@ -183,14 +202,28 @@ def _verify(
 ) -> Answer | None:
     """403 unless the signature verifies over the public URL and the account is ours."""
     url = config.public_url + request.path_qs
-    validator = RequestValidator(config.auth_token)
-    algorithm = get_signature_algorithm(request.headers.get("X-Twilio-Webhooks-Signature-Settings"))
     signature = request.headers.get("X-Twilio-Signature", "")
-    if not signature or not validator.validate(url, form, signature, algorithm):
+    if not signature or not _signed(request.app[VALIDATOR_KEY], url, form, signature, request):
         return _reject(403, "signature does not verify")
     if params.get("AccountSid") != config.account_sid:
         return _reject(403, "AccountSid is not this account's")
     return None
+
+
+def _signed(
+    validator: RequestValidator, url: str, form: Any, signature: str, request: web.Request
+) -> bool:
+    """Twilio's signature over the URL as configured; else the validator's full check.
+
+    The first, one HMAC, is what Twilio sends for a URL with no explicit port;
+    the full check also tries the URL with and without its port and honours a
+    SHA-256 signature setting.
+    """
+    expected = validator.compute_signature(url, form)
+    if hmac.compare_digest(expected.encode(), signature.encode()):
+        return True
+    settings = request.headers.get("X-Twilio-Webhooks-Signature-Settings")
+    return bool(validator.validate(url, form, signature, get_signature_algorithm(settings)))
 
 
 def _event(params: dict[str, str], business_id: str) -> RecordingEvent:

@@ -22,8 +22,9 @@ from multidict import MultiDict, MultiDictProxy
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec.devservers import LocalRedis
+from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
-from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
+from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN, call_sid, callback_params, sign
 
 Client = TestClient[web.Request, web.Application]
@@ -411,3 +412,27 @@ async def test_healthz(client: Client) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     assert json.loads(await response.text()) == {"status": "ok"}
+
+
+async def test_callbacks_arriving_together_share_one_call_and_still_dedupe(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Concurrent enqueues of one recording and of others: one entry per recording."""
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=60)
+    params = callback_params()
+    twice = _event_of(params)
+    others = [_event_of(callback_params()) for _ in range(5)]
+    results = await asyncio.gather(*(enqueuer.enqueue(e) for e in [twice, *others, twice, twice]))
+    assert [added for added, _ in results] == [True] * 6 + [False, False]
+    assert results[0][1] == results[6][1] == results[7][1]
+    assert await redis.xlen(keys.stream) == 6
+
+
+def _event_of(params: dict[str, str]) -> RecordingEvent:
+    return RecordingEvent.create(
+        recording_sid=params["RecordingSid"],
+        call_sid=params["CallSid"],
+        account_sid=params["AccountSid"],
+        business_id="42",
+        status="completed",
+    )
