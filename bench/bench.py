@@ -172,13 +172,14 @@ async def io_bound(b: Bench, entries: int) -> None:
     b.add(Figure("50 ms handlers, 100 in flight, slots on", entries, time.perf_counter() - wall))
 
 
-async def latency(b: Bench, count: int) -> None:
+async def latency(b: Bench, count: int, *, slots: bool) -> None:
     """Figure 4: enqueue → handler start, entries paced at 100/s, consumer in its own process."""
-    keys = Keys("bench-latency")
+    keys = Keys(f"bench-latency-{slots}")
+    options = [*(["--slots"] if slots else []), "--latency", "--expect", str(count)]
     await b.redis.delete(keys.stream)
     await ensure_group(b.redis, keys)
     worker = subprocess.Popen(
-        worker_command(b, keys.namespace, "lat", "--slots", "--latency", "--expect", str(count)),
+        worker_command(b, keys.namespace, "lat", *options),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -189,8 +190,8 @@ async def latency(b: Bench, count: int) -> None:
     out, _ = await asyncio.to_thread(worker.communicate)
     samples = sorted(json.loads(out.decode().strip().splitlines()[-1])["latencies"])
     p50, p99 = samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
-    b.add(Figure("pickup latency at 100/s", count, 1.0, extra={"p50_ms": p50 * 1e3,
-                                                                "p99_ms": p99 * 1e3}))  # fmt: skip
+    name = f"pickup latency at 100/s, slots {'on' if slots else 'off'}"
+    b.add(Figure(name, count, 1.0, extra={"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}))
 
 
 async def memory(b: Bench, sizes: list[int]) -> None:
@@ -313,17 +314,21 @@ def ratios(b: Bench) -> list[str]:
             f"{k} {v:.2f}" for k, v in pipe.extra.items() if k.endswith("_ms_per_recording")
         )
         ratios.append(f"pipeline time per recording by stage (summed over concurrency): {stages}")
-    lat = b.get("pickup latency at 100/s")
-    if lat:
-        ratios.append(
-            f"pickup latency at 100/s: p50 {lat.extra['p50_ms']:.2f} ms,"
-            f" p99 {lat.extra['p99_ms']:.2f} ms"
-        )
+    return ratios + extras(b)
+
+
+def extras(b: Bench) -> list[str]:
+    """Latency and memory lines."""
+    lines = []
     for f in b.figures:
+        if f.name.startswith("pickup"):
+            lines.append(
+                f"{f.name}: p50 {f.extra['p50_ms']:.2f} ms, p99 {f.extra['p99_ms']:.2f} ms"
+            )
         if f.name.startswith("memory"):
-            ratios.append(f"{f.name}: consumer RSS {f.extra['consumer_rss_mib']:.1f} MiB,"
-                          f" Redis used {f.extra['redis_used_mib']:.1f} MiB")  # fmt: skip
-    return ratios
+            lines.append(f"{f.name}: consumer RSS {f.extra['consumer_rss_mib']:.1f} MiB,"
+                         f" Redis used {f.extra['redis_used_mib']:.1f} MiB")  # fmt: skip
+    return lines
 
 
 @contextlib.asynccontextmanager
@@ -356,7 +361,8 @@ async def main() -> None:
         if "pipeline" in only:
             await pipeline(b, 5_000)
         if "latency" in only:
-            await latency(b, 1_000)
+            await latency(b, 1_000, slots=False)
+            await latency(b, 1_000, slots=True)
         if "io" in only:
             await io_bound(b, 10_000)
         if "memory" in only:
