@@ -373,7 +373,12 @@ class Bench:
 
     def run(self) -> list[Figure]:
         """Start Redis, then the servers, measure; everything stops in reverse order."""
-        local_redis = LocalRedis(self.directory / "redis").start()
+        aof = self.args.appendfsync != "off"
+        local_redis = LocalRedis(
+            self.directory / "redis",
+            appendonly=aof,
+            appendfsync=self.args.appendfsync if aof else "everysec",
+        ).start()
         try:
             client = redis.Redis.from_url(local_redis.url, decode_responses=True)
             with contextlib.closing(client):
@@ -579,6 +584,12 @@ def parse_args() -> argparse.Namespace:
         "--warmup", type=int, default=2, help="seconds of load before each (0: none)"
     )
     parser.add_argument("--show-wrk", action="store_true", help="print wrk's own output")
+    parser.add_argument(
+        "--appendfsync",
+        choices=["off", "everysec", "always"],
+        default="off",
+        help="Redis persistence: no AOF (default), or AOF fsynced every second or every write",
+    )
     args = parser.parse_args()
     if args.connections < args.threads:
         parser.error("--connections must be at least --threads")

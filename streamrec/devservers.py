@@ -69,12 +69,20 @@ def _wait_until(check: Any, what: str, timeout: float, process: subprocess.Popen
 
 
 class LocalRedis:
-    """A redis-server child process; ``appendonly`` turns AOF on (fsync everysec)."""
+    """A redis-server child process; ``appendonly`` turns AOF on, fsynced per ``appendfsync``."""
 
-    def __init__(self, directory: Path, port: int | None = None, *, appendonly: bool = False):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+    ):
         self.directory = directory
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +100,7 @@ class LocalRedis:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
