@@ -1,7 +1,8 @@
-"""Consumers as real processes (``python -m streamrec consume``), to kill and signal."""
+"""streamrec as real processes: consumers to kill and signal, commands to run."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -58,4 +59,19 @@ def spawn_consumer(
         cwd=log_dir,
         stdout=log,
         stderr=subprocess.STDOUT,
+    )
+
+
+async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m streamrec *args`` to completion, off the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "streamrec", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )

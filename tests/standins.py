@@ -15,8 +15,13 @@ import secrets
 from collections import Counter
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
 from twilio.request_validator import RequestValidator
+
+from streamrec.events import RecordingEvent
+from streamrec.keys import Keys
+from streamrec.producer import Enqueuer
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -52,6 +57,34 @@ def callback_params(
         "RecordingStartTime": "Sat, 28 Nov 2026 10:00:00 +0000",
         "ErrorCode": "0",
     }
+
+
+async def enqueue(
+    redis: aioredis.Redis,
+    keys: Keys,
+    count: int,
+    *,
+    business: str = "9",
+    media: MediaStandIn | None = None,
+) -> list[str]:
+    """Add ``count`` completed recordings of ``business`` to the stream, as the webhook does."""
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=3600)
+    sids = [recording_sid() for _ in range(count)]
+    events = [
+        RecordingEvent.create(
+            recording_sid=sid,
+            call_sid=call_sid(),
+            account_sid=ACCOUNT_SID,
+            business_id=business,
+            status="completed",
+        )
+        for sid in sids
+    ]
+    if media is not None:
+        media.business_of.update(dict.fromkeys(sids, business))
+    for start in range(0, len(events), 50):
+        await asyncio.gather(*(enqueuer.enqueue(event) for event in events[start : start + 50]))
+    return sids
 
 
 def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:

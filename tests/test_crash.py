@@ -5,46 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
-from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
-from streamrec.producer import Enqueuer
 from streamrec.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import spawn_consumer
-from tests.standins import ACCOUNT_SID, MediaStandIn, OpenAIStandIn, call_sid, recording_sid
-
-
-@pytest.fixture
-def children(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Consumer processes of this test; any still running at the end are killed."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-async def enqueue(redis: aioredis.Redis, keys: Keys, count: int) -> list[str]:
-    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=3600)
-    sids = [recording_sid() for _ in range(count)]
-    for sid in sids:
-        event = RecordingEvent.create(
-            recording_sid=sid,
-            call_sid=call_sid(),
-            account_sid=ACCOUNT_SID,
-            business_id="9",
-            status="completed",
-        )
-        await enqueuer.enqueue(event)
-    return sids
+from tests.standins import MediaStandIn, OpenAIStandIn, enqueue
 
 
 async def completed(db: Any) -> set[str]:

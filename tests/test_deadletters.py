@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,8 @@ from streamrec.keys import Keys
 from streamrec.producer import Enqueuer
 from streamrec.settings import Settings
 from tests.conftest import entries
-from tests.processes import environment
+from tests.processes import environment, streamrec
 from tests.standins import ACCOUNT_SID, MediaStandIn, call_sid, recording_sid
-
-
-async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m streamrec *args`` to completion, off the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "streamrec", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def enqueue(redis: aioredis.Redis, keys: Keys, *, business: str = "7") -> str:

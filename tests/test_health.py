@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from streamrec.monitor import Monitor
 from streamrec.producer import ReadinessCheck, WebhookConfig, create_app
 from streamrec.settings import Settings
 from tests.conftest import wait_for
-from tests.processes import environment
+from tests.processes import environment, streamrec
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN
 
 Client = TestClient[web.Request, web.Application]
@@ -128,21 +127,6 @@ async def test_healthz_answers_while_redis_is_down(
         response = await client.get("/healthz")
         assert response.status == 200
         assert (await readyz(client))[0] == 503
-
-
-async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m streamrec *args`` to completion, off the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "streamrec", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def nothing(delivery: Delivery) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from streamrec.keys import Keys
 from streamrec.producer import WebhookConfig, create_app
 from streamrec.settings import Settings
 from tests.conftest import entries
-from tests.processes import environment
+from tests.processes import environment, streamrec
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN, recording_sid
 
 
@@ -119,21 +116,6 @@ async def test_post_to_signs_over_the_public_url(redis: aioredis.Redis, keys: Ke
         await runner.cleanup()
     assert [p.status for p in posted] == [200]
     assert await redis.xlen(keys.stream) == 1
-
-
-async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m streamrec *args`` to completion, off the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "streamrec", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_simulate_cli_posts_and_prints_one_line_each(

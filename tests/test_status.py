@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.monitor import Monitor
 from streamrec.settings import Settings
-from tests.processes import environment
+from tests.processes import environment, streamrec
 
 LENGTH = 6  # entries in the stream
 BY_C1 = 2  # read (not acked) by consumer c1
@@ -103,21 +100,6 @@ def assert_built_state(report: dict[str, Any], keys: Keys, ids: list[str]) -> No
     assert beat is not None
     assert (beat["name"], beat["pid"], beat["processed"]) == ("c1", os.getpid(), 0)
     assert by_name["c2"]["heartbeat"] is None
-
-
-async def streamrec(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m streamrec *args`` to completion, off the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "streamrec", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_collect_reports_the_state_exactly(redis: aioredis.Redis, keys: Keys) -> None:
