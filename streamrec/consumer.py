@@ -136,6 +136,10 @@ class Consumer:
         self._config = config
         self._on_dead = on_dead
         self._metrics = metrics or Metrics()
+        # Label children resolved once; in-flight is read when /metrics is scraped.
+        self._completed = self._metrics.entries.labels("completed")
+        self._left_pending = self._metrics.entries.labels("left_pending")
+        self._metrics.in_flight.set_function(lambda: len(self._inflight))
         self._slots = slots
         self._group = Group(redis, keys, config.name)
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -274,38 +278,38 @@ class Consumer:
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
         self._inflight[delivery.entry_id] = task
-        self._metrics.in_flight.inc()
         task.add_done_callback(lambda _: self._finished(delivery.entry_id))
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
-        self._metrics.in_flight.dec()
         self._slot_freed.set()
 
     async def _process(self, delivery: Delivery) -> None:
         """Run the handler with retries, then ack or dead-letter the entry."""
         fields = delivery.fields
         context = {f: fields[f] for f in self._config.log_fields if f in fields}
-        with structlog.contextvars.bound_contextvars(entry_id=delivery.entry_id, **context):
-            try:
-                if delivery.deliveries > self._config.retry.max_deliveries:
-                    reason = f"delivered {delivery.deliveries - 1} times without finishing"
-                    await self._dead_letter(delivery, reason, delivery.deliveries - 1)
-                    return
-                outcome = await self._attempts(delivery)
-                if outcome == DONE:
-                    await self._ack(delivery.entry_id)
-                elif isinstance(outcome, GiveUp):
-                    await self._dead_letter(delivery, outcome.reason, outcome.attempts)
-                else:
-                    self._metrics.entries.labels("left_pending").inc()
-            except Exception as exc:
-                # Redis or the dead-letter hook failed: the entry stays pending
-                # and is reclaimed once idle.
-                self._metrics.entries.labels("left_pending").inc()
-                log.error("entry_left_pending", error=describe(exc))
-            finally:
-                await self._release(delivery.entry_id)
+        # This task runs in its own copy of the context: what is bound here is
+        # seen by every log line about the entry and gone with the task.
+        structlog.contextvars.bind_contextvars(entry_id=delivery.entry_id, **context)
+        try:
+            if delivery.deliveries > self._config.retry.max_deliveries:
+                reason = f"delivered {delivery.deliveries - 1} times without finishing"
+                await self._dead_letter(delivery, reason, delivery.deliveries - 1)
+                return
+            outcome = await self._attempts(delivery)
+            if outcome == DONE:
+                await self._ack(delivery.entry_id)
+            elif isinstance(outcome, GiveUp):
+                await self._dead_letter(delivery, outcome.reason, outcome.attempts)
+            else:
+                self._left_pending.inc()
+        except Exception as exc:
+            # Redis or the dead-letter hook failed: the entry stays pending
+            # and is reclaimed once idle.
+            self._left_pending.inc()
+            log.error("entry_left_pending", error=describe(exc))
+        finally:
+            await self._release(delivery.entry_id)
 
     async def _attempts(self, delivery: Delivery) -> Outcome:
         """Run the handler, retrying transient failures, until it is done or gives up."""
@@ -351,7 +355,7 @@ class Consumer:
         """
         await self._acks.submit(entry_id)
         self.processed += 1
-        self._metrics.entries.labels("completed").inc()
+        self._completed.inc()
 
     async def _flush(self, ids: list[str]) -> list[None]:
         """XACK + XDEL ``ids``; those holding slots free them (and wake parked) in the same call."""
