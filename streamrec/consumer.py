@@ -148,6 +148,9 @@ class Consumer:
         # Refill in batches: read once a tenth of the concurrency is free, not per entry.
         self._low_water = max(1, min(config.concurrency // 10, 64))
         self._slot_freed = asyncio.Event()
+        self._working = 0
+        """Entries whose handler runs now: what the concurrency limit counts. An entry
+        whose ack is on its way no longer counts, so reads overlap acks."""
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
         self.processed = 0
@@ -216,12 +219,12 @@ class Consumer:
 
         Returns how many entries were taken, started or parked.
         """
-        while self._config.concurrency - len(self._inflight) < self._low_water:
+        while self._config.concurrency - self._working < self._low_water:
             self._slot_freed.clear()
             await first(self._slot_freed.wait(), self._stop.wait())
             if self._stop.is_set():
                 return 0
-        free = self._config.concurrency - len(self._inflight)
+        free = self._config.concurrency - self._working
         batch = await self._reclaim(free) or await self._read(free)
         for delivery in await self._admit(batch):
             self._start(delivery)
@@ -278,10 +281,14 @@ class Consumer:
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
         self._inflight[delivery.entry_id] = task
+        self._working += 1
         task.add_done_callback(lambda _: self._finished(delivery.entry_id))
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
+
+    def _done_working(self) -> None:
+        self._working -= 1
         self._slot_freed.set()
 
     async def _process(self, delivery: Delivery) -> None:
@@ -291,12 +298,15 @@ class Consumer:
         # This task runs in its own copy of the context: what is bound here is
         # seen by every log line about the entry and gone with the task.
         structlog.contextvars.bind_contextvars(entry_id=delivery.entry_id, **context)
+        working = True
         try:
             if delivery.deliveries > self._config.retry.max_deliveries:
                 reason = f"delivered {delivery.deliveries - 1} times without finishing"
-                await self._dead_letter(delivery, reason, delivery.deliveries - 1)
-                return
-            outcome = await self._attempts(delivery)
+                outcome: Outcome = GiveUp(reason, delivery.deliveries - 1)
+            else:
+                outcome = await self._attempts(delivery)
+            working = False
+            self._done_working()
             if outcome == DONE:
                 await self._ack(delivery.entry_id)
             elif isinstance(outcome, GiveUp):
@@ -309,6 +319,8 @@ class Consumer:
             self._left_pending.inc()
             log.error("entry_left_pending", error=describe(exc))
         finally:
+            if working:
+                self._done_working()
             await self._release(delivery.entry_id)
 
     async def _attempts(self, delivery: Delivery) -> Outcome:
