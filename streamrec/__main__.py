@@ -39,7 +39,8 @@ CONSUMER = (
     "STREAMREC_TRANSCRIBE_MODEL, STREAMREC_CONCURRENCY, STREAMREC_CLAIM_IDLE_MS, "
     "STREAMREC_MAX_DELIVERIES, STREAMREC_RETRY_BASE_MS, STREAMREC_RETRY_MAX_MS, "
     "STREAMREC_HTTP_TIMEOUT_S, STREAMREC_SHUTDOWN_GRACE_S, STREAMREC_BLOCK_MS, "
-    "STREAMREC_CONSUMER_NAME"
+    "STREAMREC_CONSUMER_NAME, STREAMREC_BUSINESS_SLOTS, STREAMREC_SLOT_LEASE_MS, "
+    "STREAMREC_METRICS_PORT, STREAMREC_HEARTBEAT_S, STREAMREC_PROGRESS_S"
 )
 
 COMMANDS = {
@@ -51,7 +52,10 @@ COMMANDS = {
         f"{WEBHOOK}, {CONSUMER}",
     ),
     "migrate": ("create or upgrade the PostgreSQL schema (idempotent)", "DATABASE_URL"),
-    "status": ("summarise length, lag, pending entries, consumers and dead letters", ""),
+    "status": (
+        "summarise length, lag, pending entries, consumers, dead letters and slots",
+        "STREAMREC_BUSINESS_SLOTS",
+    ),
     "check": ("exit 0 if Redis answers and a consumer heartbeat is fresh, else 1", ""),
     "simulate": (
         "post RecordingStatusCallbacks signed with the configured token",
