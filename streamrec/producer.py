@@ -69,7 +69,6 @@ class WebhookConfig:
 ReadinessCheck = Callable[[], Awaitable[None]]
 """Raises when a dependency is not usable; named in /readyz's answer."""
 
-REDIS_KEY: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
 CONFIG_KEY: web.AppKey[WebhookConfig] = web.AppKey("config", WebhookConfig)
 VALIDATOR_KEY: web.AppKey[RequestValidator] = web.AppKey("validator", RequestValidator)
 CHECKS_KEY: web.AppKey[dict[str, ReadinessCheck]] = web.AppKey("checks", dict)
@@ -111,7 +110,6 @@ def create_app(
     in ``serve``).
     """
     app = web.Application(client_max_size=config.max_body_bytes)
-    app[REDIS_KEY] = redis
     app[CONFIG_KEY] = config
     app[VALIDATOR_KEY] = RequestValidator(config.auth_token)
     app[ENQUEUER_KEY] = Enqueuer(redis, config.keys, dedupe_ttl_s=config.dedupe_ttl_s)
