@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -56,31 +55,16 @@ from redis.exceptions import RedisError, ResponseError
 from streamrec import deadletters
 from streamrec.aio import first, wait_set
 from streamrec.batch import Batcher
+from streamrec.delivery import DeadHook, Delivery, Handler, delivered
 from streamrec.group import Group, ensure_group
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError, RetryPolicy, Unavailable, describe
-from streamrec.semaphore import PRIOR, Held, Slots
+from streamrec.semaphore import Held, Slots
 
 log = structlog.get_logger("streamrec.consumer")
 
 __all__ = ["Consumer", "ConsumerConfig", "Delivery", "Handler", "ensure_group"]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One delivery of a stream entry to a handler."""
-
-    entry_id: str
-    fields: dict[str, str]
-    deliveries: int
-    """How often the entry has been delivered, this delivery included."""
-
-
-Handler = Callable[[Delivery], Awaitable[None]]
-"""Does the work of one entry. Returning means its result is committed."""
-
-DeadHook = Callable[[Delivery, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +92,6 @@ class ConsumerConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     log_fields: tuple[str, ...] = ()
     """Entry fields bound to every log line about the entry (with ``entry_id``)."""
-
-
-def _delivery(entry_id: str, fields: dict[str, str], count: int) -> Delivery:
-    """A Delivery; deliveries made before the entry was parked are added to the count."""
-    prior = fields.pop(PRIOR, "")
-    return Delivery(entry_id, fields, count + (int(prior) if prior.isdigit() else 0))
 
 
 class Consumer:
@@ -238,7 +216,7 @@ class Consumer:
             entries = await first(self._group.read(count, self._config.block_ms), self._stop.wait())
         # None: stopped while blocked. Should the read have been served anyway,
         # its entries sit in our PEL and are reclaimed like a crash's.
-        return [_delivery(i, fields, 1) for i, fields in entries or []]
+        return [delivered(i, fields, 1) for i, fields in entries or []]
 
     async def _reclaim(self, count: int) -> list[Delivery]:
         """Take over entries idle longer than the claim time, at most every third of it."""
@@ -255,28 +233,17 @@ class Consumer:
             return []
         self._metrics.reclaimed.inc(len(taken.entries))
         log.info("entries_reclaimed", count=len(taken.entries), consumer=self.name)
-        return [_delivery(i, f, taken.counts.get(i, 1)) for i, f in taken.entries]
+        return [delivered(i, f, taken.counts.get(i, 1)) for i, f in taken.entries]
 
     async def _admit(self, batch: list[Delivery]) -> list[Delivery]:
         """The entries that may run now; the others were parked (or are gone)."""
-        if self._slots is None:
+        if self._slots is None or not batch:
             return batch
-        slots = self._slots
-        limited = [(d, b) for d in batch if (b := slots.business(d.fields)) is not None]
-        if not limited:
-            return batch
-        verdicts = await slots.acquire([(d.entry_id, b, d.deliveries) for d, b in limited])
-        refused = set()
-        for (delivery, business), verdict in zip(limited, verdicts, strict=True):
-            if verdict == 1:
-                self._held[delivery.entry_id] = Held(delivery.entry_id, business)
-            else:
-                refused.add(delivery.entry_id)
-                self.parked += verdict == 0
-                log.debug("entry_parked" if verdict == 0 else "entry_gone",
-                          entry_id=delivery.entry_id, business=business)  # fmt: skip
-        self._metrics.parked.inc(len(refused))
-        return [d for d in batch if d.entry_id not in refused]
+        admission = await self._slots.admit([(d.entry_id, d.fields, d.deliveries) for d in batch])
+        self._held.update((h.entry_id, h) for h in admission.held)
+        self.parked += admission.parked
+        self._metrics.parked.inc(admission.parked)
+        return [d for d in batch if d.entry_id not in admission.refused]
 
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from streamrec.consumer import Delivery
+from streamrec.delivery import Delivery
 from streamrec.events import InvalidEvent, RecordingEvent
 from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError

@@ -18,7 +18,8 @@ entries whose slots freed without a release (a holder that crashed).
 Order within a business is kept: while a business has parked entries, a new
 entry parks behind them even if a slot is free, and entries that had been
 delivered before (reclaimed, or woken but not started in time) park at the front.
-Delivery counts survive parking in the ``prior_deliveries`` field.
+Delivery counts survive parking in the ``prior_deliveries`` field (see
+``streamrec.delivery``).
 
 Limits: ``STREAMREC_BUSINESS_SLOTS`` for every business, overridden per business
 in the hash ``{ns}:slot-limits`` (``streamrec slots set BUSINESS N``).
@@ -33,8 +34,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from streamrec.keys import Keys
-
-PRIOR = "prior_deliveries"
 
 _COMMON = """
 local function now_ms()
@@ -222,6 +221,16 @@ class Held:
     business: str
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What one acquire call decided for a batch of entries."""
+
+    held: list[Held]
+    refused: set[str]
+    """Entries that must not run now: parked, or gone from the stream."""
+    parked: int
+
+
 class Slots:
     """The slots of every business of one namespace, for one consumer."""
 
@@ -258,6 +267,23 @@ class Slots:
                 keys += (self._keys.slots(business), self._keys.parked(business))
         head = [self._keys.group, str(self.lease_ms), str(self.default_limit), str(len(numbers))]
         return keys, head + list(numbers), numbers
+
+    async def admit(self, entries: Sequence[tuple[str, dict[str, str], int]]) -> Admission:
+        """Take slots for (entry id, fields, deliveries) of a batch read; one call.
+
+        Entries of no business (no ``field``) are not limited and run.
+        """
+        limited = [(i, b, d) for i, f, d in entries if (b := self.business(f)) is not None]
+        verdicts = await self.acquire(limited)
+        held: list[Held] = []
+        refused: set[str] = set()
+        for (entry_id, business, _), verdict in zip(limited, verdicts, strict=True):
+            if verdict == 1:
+                held.append(Held(entry_id, business))
+            else:
+                refused.add(entry_id)
+        parked = sum(1 for verdict in verdicts if verdict == 0)
+        return Admission(held, refused, parked)
 
     async def acquire(self, entries: Sequence[tuple[str, str, int]]) -> list[int]:
         """For (entry id, business, deliveries) each: 1 run, 0 parked, -1 gone. One call."""
