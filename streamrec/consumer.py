@@ -133,7 +133,6 @@ class Consumer:
         self._next_reclaim = 0.0
         self.processed = 0
         self.dead_lettered = 0
-        self.parked = 0
         self.reclaim_passes = 0
         """Completed XAUTOCLAIM scans of the whole group's pending list."""
 
@@ -241,7 +240,6 @@ class Consumer:
             return batch
         admission = await self._slots.admit([(d.entry_id, d.fields, d.deliveries) for d in batch])
         self._held.update((h.entry_id, h) for h in admission.held)
-        self.parked += admission.parked
         self._metrics.parked.inc(admission.parked)
         return [d for d in batch if d.entry_id not in admission.refused]
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from streamrec import deadletters, service
@@ -213,17 +214,16 @@ async def test_purge_with_ids_deletes_only_those(
     assert [entry_id for entry_id, _ in await entries(redis, keys.dead)] == [ids[1], ids[3]]
 
 
-async def test_replay_of_an_unknown_id_exits_1_and_says_so(
-    redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+@pytest.mark.parametrize("bad", ["1-999", "not-an-id"], ids=["unknown", "malformed"])
+async def test_replay_of_a_bad_id_exits_1_and_still_moves_the_others(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path, bad: str
 ) -> None:
-    """``dlq replay`` of an id not in the dead letters exits 1 naming it; known ones move."""
+    """``dlq replay KNOWN BAD`` replays KNOWN, says so, names BAD as unknown and exits 1."""
     [known] = await add_dead(redis, keys, 1)
-    finished = await streamrec(
-        "dlq", "replay", known, "1-999", env=environment(settings), cwd=tmp_path
-    )
+    finished = await streamrec("dlq", "replay", known, bad, env=environment(settings), cwd=tmp_path)
     assert finished.returncode == 1
-    assert "1-999: no such dead letter" in finished.stdout
     assert f"{known} -> " in finished.stdout
+    assert f"{bad}: no such dead letter" in finished.stdout
     assert await redis.xlen(keys.dead) == 0
     assert await redis.xlen(keys.stream) == 1
 
@@ -265,18 +265,3 @@ async def test_replay_takes_only_exact_dead_letter_ids(redis: aioredis.Redis, ke
     }
     assert [i for i, _ in await entries(redis, keys.dead)] == ["5-1"]
     assert [f["n"] for _, f in await entries(redis, keys.stream)] == ["0"]
-
-
-async def test_replay_with_a_malformed_id_still_reports_the_others(
-    redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
-) -> None:
-    """``dlq replay KNOWN garbage`` replays KNOWN, says so, and names garbage as unknown."""
-    [known] = await add_dead(redis, keys, 1)
-    finished = await streamrec(
-        "dlq", "replay", known, "not-an-id", env=environment(settings), cwd=tmp_path
-    )
-    assert finished.returncode == 1
-    assert f"{known} -> " in finished.stdout
-    assert "not-an-id: no such dead letter" in finished.stdout
-    assert await redis.xlen(keys.dead) == 0
-    assert await redis.xlen(keys.stream) == 1
