@@ -17,16 +17,28 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Runs ``run(items)`` for batches of submitted items; ``run`` returns one result per item."""
+    """Runs ``run(items)`` for batches of submitted items; ``run`` returns one result per item.
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_size: int = 500):
+    A result may be an exception instead: that item alone fails with it, while
+    an exception raised by ``run`` fails the whole batch.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]],
+        *,
+        max_size: int = 500,
+    ):
         self._run = run
         self._max = max_size
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
-        """The result of ``item``, once the batch it went out with is done (or its error)."""
+        """The result of ``item``, once the batch it went out with is done.
+
+        Raises the item's own exception, or the one that failed its batch.
+        """
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
         if self._flusher is None or self._flusher.done():
@@ -48,5 +60,14 @@ class Batcher(Generic[T, R]):
                     raise
             else:
                 for (_, done), result in zip(batch, results, strict=True):
-                    if not done.done():
-                        done.set_result(result)
+                    _settle(done, result)
+
+
+def _settle(done: asyncio.Future[R], result: R | Exception) -> None:
+    """Give a waiting submit its result, or raise its exception there."""
+    if done.done():
+        return
+    if isinstance(result, Exception):
+        done.set_exception(result)
+    else:
+        done.set_result(result)

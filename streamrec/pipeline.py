@@ -2,11 +2,18 @@
 
 Stages, each committed in PostgreSQL before the next starts: download the media,
 transcribe it (when a transcriber is configured), mark the row completed. A
-redelivered entry resumes at the first stage not yet committed, so a recording is
-downloaded and transcribed once, not once per delivery.
+redelivered entry resumes at the first stage not yet done: the media client
+skips a file already in place (it is renamed there only when whole), and a
+committed row is not written again. A transcript obtained but not yet committed
+(PostgreSQL failed the write) is kept in this process for the entry's next
+attempt, so an outage of our own database costs no second transcription.
+Before each side-effecting stage the delivery must still be ours
+(``Delivery.ensure_owned`` raises ``Lost`` otherwise).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import structlog
 
@@ -19,6 +26,11 @@ from streamrec.transcribe import Transcriber
 from streamrec.twilio import MediaClient
 
 log = structlog.get_logger("streamrec.pipeline")
+
+KEEP_UNCOMMITTED = 256
+"""Transcripts kept for a later commit, oldest dropped first. More than a process
+retries at once in practice (an outage holds its in-flight entries), and small
+in memory (a transcript of OpenAI's largest upload is ~100 kB)."""
 
 
 class RecordingPipeline:
@@ -36,11 +48,17 @@ class RecordingPipeline:
         self._media = media
         self._transcriber = transcriber
         self._metrics = metrics or Metrics()
+        self._uncommitted: dict[str, str] = {}
+        """RecordingSid to a transcript not yet committed, oldest first."""
 
     async def __call__(self, delivery: Delivery) -> None:
-        """Take one recording as far as it goes; returns once the row is final."""
+        """Take one recording as far as it goes; returns once the row is final.
+
+        Raises ``Lost`` when the entry stopped being ours before a stage.
+        """
         event = _decode(delivery)
         if event.status != "completed":
+            delivery.ensure_owned()
             await self._store.terminal(
                 event, entry_id=delivery.entry_id, attempts=delivery.deliveries
             )
@@ -56,41 +74,58 @@ class RecordingPipeline:
         if progress is not None and progress.status == "completed":
             log.info("recording_already_done")
             return
-        path = self._media.path_for(event)
-        if progress is not None and progress.audio_path is not None and path.exists():
-            size = progress.audio_bytes or path.stat().st_size
-        else:
-            with stage("download"):
-                path, size = await self._media.download(event)
-            if self._transcriber is not None:
-                # Worth a commit only when a slow stage follows that could fail.
-                with stage("store"):
-                    await record.downloaded(
-                        event, entry_id=entry_id, attempts=attempts, path=str(path), size=size
-                    )
-        transcript = model = None
-        if self._transcriber is not None:
-            transcript = progress.transcript if progress is not None else None
-            if transcript is None:
-                with stage("transcribe"):
-                    transcript = await self._transcriber.transcribe(path)
-            model = self._transcriber.model
+        delivery.ensure_owned()
+        with stage("download"):
+            path, size = await self._media.download(event)
+        if self._transcriber is not None and (progress is None or progress.audio_path is None):
+            # Worth a commit only when a slow stage follows that could fail.
+            delivery.ensure_owned()
+            with stage("store"):
+                await record.downloaded(
+                    event, entry_id=entry_id, attempts=attempts, path=str(path), size=size
+                )
+        transcript = await self._transcript(event, delivery, path)
+        model = self._transcriber.model if self._transcriber is not None else None
+        delivery.ensure_owned()
         with stage("store"):
             await record.completed(
                 event, entry_id=entry_id, attempts=attempts, path=str(path), size=size,
                 transcript=transcript, model=model,
             )  # fmt: skip
+        self._uncommitted.pop(event.recording_sid, None)
         log.info("recording_completed", attempt=delivery.deliveries)
 
+    async def _transcript(
+        self, event: RecordingEvent, delivery: Delivery, path: Path
+    ) -> str | None:
+        """The transcript: kept from an attempt whose commit failed, or a new one."""
+        if self._transcriber is None:
+            return None
+        sid = event.recording_sid
+        if sid in self._uncommitted:
+            return self._uncommitted[sid]
+        delivery.ensure_owned()
+        with self._metrics.stage("transcribe"):
+            transcript = await self._transcriber.transcribe(path)
+        self._uncommitted[sid] = transcript
+        if len(self._uncommitted) > KEEP_UNCOMMITTED:
+            del self._uncommitted[next(iter(self._uncommitted))]
+        return transcript
+
     async def dead(self, delivery: Delivery, reason: str) -> None:
-        """Mark the recording failed with ``reason`` as its entry goes to the dead letters."""
+        """Mark the recording failed with ``reason`` as its entry goes to the dead letters.
+
+        Raises ``Lost`` if the entry is no longer ours (its new owner decides).
+        """
         try:
             event = RecordingEvent.from_fields(delivery.fields)
         except InvalidEvent:
             return  # nothing identifies a row; the dead-letter entry keeps the fields
+        delivery.ensure_owned()
         await self._store.failed(
             event, entry_id=delivery.entry_id, error=reason, attempts=delivery.deliveries
         )
+        self._uncommitted.pop(event.recording_sid, None)
 
 
 def _decode(delivery: Delivery) -> RecordingEvent:

@@ -1,14 +1,19 @@
 """PostgreSQL: the schema migrations and the recordings table.
 
 Every write is keyed on RecordingSid, so running a stage twice leaves one row.
-asyncpg's connection errors propagate; the consumer treats them as transient.
+A failed statement is sorted by cause, not by exception class: bad data (a value
+asyncpg cannot encode, SQLSTATE class 22 or 23) raises ``PermanentError``; any
+other failure is followed by a probe of the database, and raises ``Unavailable``
+when the probe fails too (an outage, not the entry's fault) or the error itself
+(transient) when the database answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -19,33 +24,25 @@ import structlog
 
 from streamrec.batch import Batcher
 from streamrec.events import RecordingEvent
-from streamrec.retry import Unavailable, describe
+from streamrec.retry import PermanentError, Unavailable, describe
 
 log = structlog.get_logger("streamrec.store")
 
 MIGRATION_LOCK = 0x5EC0_0001  # advisory lock id: one migrator at a time across replicas
-
-# Errors that say the database is unreachable or going away, not that a query is
-# wrong. asyncpg's interface errors ("connection is closed", "cannot switch to
-# state ...; another operation is in progress") are what a query in flight gets
-# when its server shuts down.
-OUTAGE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-)
+PROBE_TIMEOUT_S = 5.0
+"""How long the database has to answer ``SELECT 1`` after a failed statement."""
 
 
-@contextlib.contextmanager
-def _outage_is_unavailable() -> Iterator[None]:
-    try:
-        yield
-    except OUTAGE as exc:
-        raise Unavailable(f"PostgreSQL unavailable: {describe(exc)}") from exc
+def _bad_data(error: BaseException) -> bool:
+    """True if ``error`` says a value cannot be stored: no later attempt can fix it.
+
+    asyncpg reports a value it cannot encode (a lone surrogate in a str) as
+    DataError with SQLSTATE 22000, so the class test covers it as well as the
+    server's own data exceptions (22) and constraint violations (23).
+    """
+    if not isinstance(error, asyncpg.PostgresError):
+        return False
+    return str(getattr(error, "sqlstate", None) or "")[:2] in {"22", "23"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +172,29 @@ ON CONFLICT (recording_sid) DO UPDATE SET
 """
 
 
+def _columns(stages: Iterable[Stage]) -> list[list[Any]]:
+    """The twelve array arguments of WRITE_STAGES for ``stages`` (one row each)."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    for st in stages:
+        e = st.event
+        values = (e.recording_sid, e.call_sid, e.account_sid, e.business_id, st.status,
+                  e.duration_s, st.attempts, st.entry_id, st.path, st.size, st.transcript,
+                  st.model)  # fmt: skip
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
 class Store:
     """The recordings table, over an asyncpg pool owned by the caller.
 
     A recording costs one read and one write when transcription is off (one
     more write, the download, when it is on). Reads and writes of recordings
-    in flight together share round trips and commits. Every method raises
-    ``Unavailable`` when the database cannot be reached.
+    in flight together share round trips and commits; a batched write that
+    fails while the database answers is retried row by row, so a bad row fails
+    alone. Every method raises ``Unavailable`` when the database cannot be
+    reached, ``PermanentError`` for a row it refuses as bad data, and the
+    driver's error for any other failure.
     """
 
     def __init__(self, pool: Any) -> None:
@@ -189,12 +202,35 @@ class Store:
         self._reads: Batcher[str, Progress | None] = Batcher(self._read)
         self._writes: Batcher[Stage, None] = Batcher(self._write)
 
+    @contextlib.asynccontextmanager
+    async def _sorted_errors(self) -> AsyncIterator[None]:
+        """Raise a failure of the statements within as PermanentError, Unavailable or itself."""
+        try:
+            yield
+        except Exception as exc:
+            if _bad_data(exc):
+                raise PermanentError(f"PostgreSQL refused the row: {describe(exc)}") from exc
+            if not await self._answers():
+                raise Unavailable(f"PostgreSQL unavailable: {describe(exc)}") from exc
+            raise
+
+    async def _answers(self) -> bool:
+        """True if the database runs ``SELECT 1`` within PROBE_TIMEOUT_S."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self._pool.fetchval("SELECT 1")
+        except Exception:  # whatever stops SELECT 1 stops every statement
+            return False
+        return True
+
     async def progress(self, recording_sid: str) -> Progress | None:
         """How far a recording got, or None if it has no row yet."""
         return await self._reads.submit(recording_sid)
 
     async def _read(self, sids: list[str]) -> list[Progress | None]:
-        with _outage_is_unavailable():
+        # One error for the whole batch: RecordingSids are validated, so a read
+        # fails for the database's sake, never for one sid's.
+        async with self._sorted_errors():
             rows = await self._pool.fetch(
                 "SELECT recording_sid, status, audio_path, audio_bytes, transcript"
                 " FROM recordings WHERE recording_sid = ANY($1::text[])",
@@ -228,24 +264,40 @@ class Store:
         stage = Stage(event, entry_id, attempts, "completed", path, size, transcript, model)
         await self._writes.submit(stage)
 
-    async def _write(self, stages: list[Stage]) -> list[None]:
+    async def _write(self, stages: list[Stage]) -> list[Exception | None]:
         # One statement may not touch a row twice: the last write of a recording wins.
-        latest = {stage.event.recording_sid: stage for stage in stages}.values()
-        columns: list[list[Any]] = [[] for _ in range(12)]
-        for st in latest:
-            e = st.event
-            values = (e.recording_sid, e.call_sid, e.account_sid, e.business_id, st.status,
-                      e.duration_s, st.attempts, st.entry_id, st.path, st.size, st.transcript,
-                      st.model)  # fmt: skip
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        with _outage_is_unavailable():
-            await self._pool.execute(WRITE_STAGES, *columns)
-        return [None] * len(stages)
+        latest = {stage.event.recording_sid: stage for stage in stages}
+        try:
+            async with self._sorted_errors():
+                await self._pool.execute(WRITE_STAGES, *_columns(latest.values()))
+        except Unavailable:
+            raise
+        except Exception:
+            if len(latest) == 1:
+                raise
+            # The database answers, so a row is to blame: find it by writing each alone.
+            outcome = await self._write_each(list(latest.values()))
+        else:
+            outcome = {}
+        return [outcome.get(stage.event.recording_sid) for stage in stages]
+
+    async def _write_each(self, stages: list[Stage]) -> dict[str, Exception]:
+        """Write ``stages`` one statement each; returns the errors by RecordingSid."""
+        errors: dict[str, Exception] = {}
+        for number, stage in enumerate(stages):
+            try:
+                async with self._sorted_errors():
+                    await self._pool.execute(WRITE_STAGES, *_columns([stage]))
+            except Unavailable as exc:  # the rest would only wait for the probe to fail
+                errors.update((s.event.recording_sid, exc) for s in stages[number:])
+                break
+            except Exception as exc:
+                errors[stage.event.recording_sid] = exc
+        return errors
 
     async def terminal(self, event: RecordingEvent, *, entry_id: str, attempts: int = 1) -> None:
         """Record a recording Twilio reported as absent or failed (nothing to download)."""
-        with _outage_is_unavailable():
+        async with self._sorted_errors():
             await self._pool.execute(
                 """
                 INSERT INTO recordings AS r
@@ -270,7 +322,7 @@ class Store:
         self, event: RecordingEvent, *, entry_id: str, error: str, attempts: int = 1
     ) -> None:
         """Mark a recording failed with its reason (its entry is being dead-lettered)."""
-        with _outage_is_unavailable():
+        async with self._sorted_errors():
             await self._pool.execute(
                 """
                 INSERT INTO recordings AS r

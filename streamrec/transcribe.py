@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import BinaryIO
 
 import openai
 import structlog
@@ -36,14 +37,28 @@ class Transcriber:
         Raises PermanentError for a file over 25 MB, a rejected request (400,
         401, 403, 404, 422) or an exhausted quota (``insufficient_quota`` is a
         billing state, not a rate limit); TransientError for 429, 5xx, timeouts
-        and connection failures.
+        and connection failures. The file is sized before it is opened and is
+        streamed, not read into memory.
         """
-        data = await asyncio.to_thread(path.read_bytes)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise PermanentError(f"audio is {len(data)} bytes, over OpenAI's 25 MB limit")
+        size = (await asyncio.to_thread(path.stat)).st_size
+        if size > MAX_UPLOAD_BYTES:
+            raise PermanentError(f"audio is {size} bytes, over OpenAI's 25 MB limit")
+        file = await asyncio.to_thread(path.open, "rb")
+        try:
+            text = await self._request(path.name, file)
+        finally:
+            await asyncio.to_thread(file.close)
+        log.info("recording_transcribed", chars=len(text), model=self.model)
+        return text
+
+    async def _request(self, name: str, file: BinaryIO) -> str:
+        """POST the audio and sort the SDK's errors into retry classes."""
+        # Given a file object, the SDK streams it: httpx2's multipart body reads
+        # 64 KiB at a time as the socket takes it (bytes would hold the whole
+        # file). Those small reads run on the event loop; the SDK has no other way.
         try:
             result = await self._client.audio.transcriptions.create(
-                model=self.model, file=(path.name, data, "audio/mpeg"), response_format="json"
+                model=self.model, file=(name, file, "audio/mpeg"), response_format="json"
             )
         except openai.RateLimitError as exc:
             if _code(exc) == "insufficient_quota":
@@ -60,7 +75,6 @@ class Transcriber:
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise TransientError(f"OpenAI unreachable: {type(exc).__name__}") from exc
         text = result if isinstance(result, str) else getattr(result, "text", "")
-        log.info("recording_transcribed", chars=len(text), model=self.model)
         return str(text)
 
 

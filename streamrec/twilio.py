@@ -23,6 +23,8 @@ from streamrec.retry import PermanentError, TransientError
 log = structlog.get_logger("streamrec.twilio")
 
 CHUNK = 64 * 1024
+WRITE_BYTES = 1024 * 1024
+"""Received chunks are written to disk in pieces this large: one thread hop per MiB."""
 AUDIO_MAGIC = (b"ID3", b"RIFF", b"OggS", b"fLaC")
 
 
@@ -70,26 +72,34 @@ class MediaClient:
         A file already at the final path is complete (it is renamed there only
         when whole) and is not fetched again. Raises TransientError for Twilio's
         early 404, 429, 5xx and network failures, PermanentError for other 4xx,
-        oversized or non-audio bodies.
+        oversized or non-audio bodies. Disk work runs in threads, off the event
+        loop: the media directory may be a network share.
         """
         if event.account_sid != self._account_sid:
             raise PermanentError("recording belongs to another account")
         final = self.path_for(event)
-        if final.exists():
-            return final, final.stat().st_size
-        url = media_url(self._api_base, event.account_sid, event.recording_sid)
+        size = await asyncio.to_thread(_size_if_present, final)
+        if size is not None:
+            return final, size
         part = final.with_name(f"{final.name}.{uuid.uuid4().hex}.part")
+        try:
+            size = await self._fetch(event, part)
+            await asyncio.to_thread(os.replace, part, final)
+        except BaseException:
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            raise
+        log.info("recording_downloaded", bytes=size)
+        return final, size
+
+    async def _fetch(self, event: RecordingEvent, part: Path) -> int:
+        """Save the recording's media to ``part``; returns its size."""
+        url = media_url(self._api_base, event.account_sid, event.recording_sid)
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 _check_status(response)
-                size = await self._save(response, part)
-            os.replace(part, final)
+                return await self._save(response, part)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"media download failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            part.unlink(missing_ok=True)
-        log.info("recording_downloaded", bytes=size)
-        return final, size
 
     async def _save(self, response: aiohttp.ClientResponse, part: Path) -> int:
         declared = response.content_length
@@ -97,6 +107,7 @@ class MediaClient:
             raise PermanentError(f"media is {declared} bytes, over the {self._max_bytes} limit")
         file = await asyncio.to_thread(_open_for_write, part)
         size = 0
+        pending = bytearray()
         try:
             async for chunk in response.content.iter_chunked(CHUNK):
                 if size == 0 and not looks_like_audio(chunk[:4]):
@@ -104,12 +115,23 @@ class MediaClient:
                 size += len(chunk)
                 if size > self._max_bytes:
                     raise PermanentError(f"media is over the {self._max_bytes} byte limit")
-                file.write(chunk)
+                pending += chunk
+                if len(pending) >= WRITE_BYTES:
+                    await asyncio.to_thread(file.write, pending)
+                    pending.clear()
+            await asyncio.to_thread(file.write, pending)
         finally:
-            file.close()
+            await asyncio.to_thread(file.close)
         if size == 0:
             raise TransientError("media body was empty")
         return size
+
+
+def _size_if_present(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _open_for_write(path: Path) -> BinaryIO:

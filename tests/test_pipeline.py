@@ -3,33 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+import openai
+import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from streamrec import service
+from streamrec.delivery import Delivery, Lost
 from streamrec.devservers import LocalPostgres
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
+from streamrec.pipeline import RecordingPipeline
 from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
 from streamrec.settings import Settings
 from streamrec.store import Store
+from streamrec.transcribe import Transcriber
+from streamrec.twilio import MediaClient
 from tests.conftest import entries, wait_for
 from tests.standins import (
     ACCOUNT_SID,
     AUDIO,
     AUTH_TOKEN,
+    OPENAI_KEY,
     MediaStandIn,
     OpenAIStandIn,
+    call_sid,
     callback_params,
     quota_error,
+    recording_sid,
     sign,
 )
 
@@ -56,6 +67,50 @@ async def callback(client: Client, *, business: str = "7", **kwargs: Any) -> dic
     )
     assert response.status == 200, await response.text()
     return params
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def clients(
+    settings: Settings, media: MediaStandIn
+) -> AsyncIterator[tuple[MediaClient, Transcriber]]:
+    """The media client and transcriber of the stand-ins, for a pipeline run by hand."""
+    media.not_ready = 0
+    async with (
+        aiohttp.ClientSession() as session,
+        openai.AsyncOpenAI(
+            api_key=OPENAI_KEY, base_url=settings.openai_base_url, max_retries=0
+        ) as client,
+    ):
+        downloads = MediaClient(
+            session=session,
+            api_base=media.url,
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            media_dir=settings.media_dir,
+            max_bytes=settings.media_max_bytes,
+        )
+        yield downloads, Transcriber(client=client, model=settings.transcribe_model)
+
+
+def new_event() -> RecordingEvent:
+    """A fresh completed recording of business 7."""
+    return RecordingEvent.create(
+        recording_sid=recording_sid(),
+        call_sid=call_sid(),
+        account_sid=ACCOUNT_SID,
+        business_id="7",
+        status="completed",
+    )
+
+
+def delivery_of(event: RecordingEvent, lost_when: Callable[[], bool] | None = None) -> Delivery:
+    """A first delivery of ``event``, no longer owned once ``lost_when()`` holds."""
+
+    def guard() -> None:
+        if lost_when is not None and lost_when():
+            raise Lost("claim taken over")
+
+    return Delivery("1-0", event.to_fields(), 1, guard=guard)
 
 
 async def consume_all(settings: Settings) -> None:
@@ -282,16 +337,9 @@ def _retries(metrics: Metrics) -> float:
 
 
 async def _enqueue_one(enqueuer: Enqueuer) -> str:
-    params = callback_params()
-    event = RecordingEvent.create(
-        recording_sid=params["RecordingSid"],
-        call_sid=params["CallSid"],
-        account_sid=ACCOUNT_SID,
-        business_id="7",
-        status="completed",
-    )
+    event = new_event()
     await enqueuer.enqueue(event)
-    return params["RecordingSid"]
+    return event.recording_sid
 
 
 async def _completed(database: str, sids: list[str]) -> bool:
@@ -305,3 +353,140 @@ async def _completed(database: str, sids: list[str]) -> bool:
     finally:
         await conn.close()
     return int(done) == len(sids)
+
+
+@pytest.mark.parametrize(
+    ("lost_once", "done"),
+    [("begun", (0, 0, None)), ("downloaded", (1, 0, None)), ("transcribed", (1, 1, "downloaded"))],
+    ids=["begun", "downloaded", "transcribed"],
+)
+async def test_a_lost_entry_stops_before_its_next_stage(
+    clients: tuple[MediaClient, Transcriber],
+    media: MediaStandIn,
+    openai_api: OpenAIStandIn,
+    db: Any,
+    lost_once: str,
+    done: tuple[int, int, str | None],
+) -> None:
+    """Ownership lost after a stage: no download, transcription or row write follows it."""
+    downloads, transcriber = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    recording = new_event()
+    sid = recording.recording_sid
+    lost_when = {
+        "begun": lambda: True,
+        "downloaded": lambda: media.served[sid] > 0,
+        "transcribed": lambda: openai_api.calls[sid] > 0,
+    }[lost_once]
+    with pytest.raises(Lost):
+        await pipeline(delivery_of(recording, lost_when))
+    progress = await Store(db).progress(sid)
+    assert (media.served[sid], openai_api.calls[sid], progress and progress.status) == done
+
+
+async def test_a_redelivery_lost_before_its_transcription_makes_no_call(
+    clients: tuple[MediaClient, Transcriber],
+    media: MediaStandIn,
+    openai_api: OpenAIStandIn,
+    db: Any,
+) -> None:
+    """A redelivered committed download, lost after the download stage, is not transcribed."""
+    downloads, transcriber = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    recording = new_event()
+    path = downloads.path_for(recording)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(AUDIO)
+    await Store(db).downloaded(recording, entry_id="0-1", attempts=1, path=str(path), size=9)
+    checks = itertools.count(1)
+    with pytest.raises(Lost):
+        await pipeline(delivery_of(recording, lambda: next(checks) > 1))  # owned for one stage
+    assert media.requests[recording.recording_sid] == 0
+    assert openai_api.calls[recording.recording_sid] == 0
+
+
+async def test_a_lost_entry_is_not_marked_failed(
+    clients: tuple[MediaClient, Transcriber], db: Any
+) -> None:
+    """The dead-letter hook writes no failure for an entry this process no longer owns."""
+    downloads, transcriber = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    recording = new_event()
+    with pytest.raises(Lost):
+        await pipeline.dead(delivery_of(recording, lambda: True), "PermanentError: late")
+    assert await Store(db).progress(recording.recording_sid) is None
+
+
+async def test_a_redelivery_after_the_file_is_saved_downloads_nothing(
+    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+) -> None:
+    """Transcription off: an entry lost after its file was saved is not fetched again."""
+    downloads, _ = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=None)
+    recording = new_event()
+    sid = recording.recording_sid
+    with pytest.raises(Lost):
+        await pipeline(delivery_of(recording, lambda: media.served[sid] > 0))
+    assert await Store(db).progress(sid) is None  # no stage recorded, only the file saved
+    await pipeline(delivery_of(recording))
+    progress = await Store(db).progress(sid)
+    assert progress is not None
+    assert progress.status == "completed"
+    assert media.requests[sid] == 1
+
+
+@pytest.mark.parametrize("bad", ["lone \udcff surrogate", "nul \x00 byte"], ids=["dcff", "nul"])
+async def test_a_transcript_postgresql_refuses_is_dead_lettered_at_once(
+    settings: Settings,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    bad: str,
+) -> None:
+    """A transcript PostgreSQL refuses dead-letters its entry at once; the others complete."""
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=60)
+    sids = [await _enqueue_one(enqueuer) for _ in range(4)]
+    poisoned = sids[0]
+    openai_api.text_for[poisoned] = bad  # sent JSON-escaped; the SDK decodes it back
+    await consume_all(settings)
+    found = await rows(db)
+    assert [found[sid]["status"] for sid in sids[1:]] == ["completed"] * 3
+    assert found[poisoned]["status"] == "failed"
+    assert "PostgreSQL refused the row" in found[poisoned]["error"]
+    assert openai_api.calls[poisoned] == 1
+    [(_, dead)] = await entries(redis, keys.dead)
+    assert dead["recording_sid"] == poisoned
+    assert "PostgreSQL refused the row" in dead["error"]
+
+
+async def test_an_outage_during_the_commit_costs_no_second_transcription(
+    settings: Settings,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    server_dir: Path,
+) -> None:
+    """PostgreSQL down as a transcript is committed: once back, it completes, transcribed once."""
+    server = LocalPostgres(server_dir / f"pg-{keys.namespace}", durable=False).start()
+    database = server.url("streamrec")
+    metrics = Metrics()
+    stop = asyncio.Event()
+    openai_api.gate = asyncio.Event()
+    own = settings.model_copy(update={"database_url": database})
+    consumer = asyncio.create_task(service.consume(own, stop, metrics=metrics))
+    try:
+        sid = await _enqueue_one(Enqueuer(redis, keys, dedupe_ttl_s=60))
+        await wait_for(lambda: openai_api.waiting[sid] == 1, what="the transcription")
+        server.stop()
+        before = _retries(metrics)
+        openai_api.gate.set()
+        await wait_for(lambda: _retries(metrics) >= before + 3, what="outage retries")
+        server.start()
+        await wait_for(lambda: _completed(database, [sid]), what="the recording completed")
+        assert openai_api.calls[sid] == 1
+        assert await redis.xlen(keys.dead) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(consumer, 30)
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,9 @@ import pytest
 import pytest_asyncio
 
 from streamrec import store
+from streamrec.devservers import free_port
 from streamrec.events import RecordingEvent
+from streamrec.retry import PermanentError, Unavailable
 from streamrec.store import Progress, Store
 from tests.conftest import database_url_for
 from tests.standins import ACCOUNT_SID, call_sid, recording_sid
@@ -139,3 +142,90 @@ async def test_failed_never_downgrades_a_completed_recording(db: Any) -> None:
     await records.failed(recording, entry_id="1-0", error="late failure")
     stored = await row(db, recording.recording_sid)
     assert (stored["status"], stored["error"]) == ("completed", None)
+
+
+def completed(records: Store, recording: RecordingEvent, transcript: str) -> Any:
+    """The completed write of ``recording`` with ``transcript`` (a coroutine)."""
+    return records.completed(
+        recording, entry_id="1-0", attempts=1, path="/m/x.mp3", size=2014,
+        transcript=transcript, model="m",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [("lone \udcff surrogate", "surrogates not allowed"), ("nul \x00 byte", "0x00")],
+    ids=["encoded-by-asyncpg", "refused-by-server"],
+)
+@pytest.mark.parametrize("mates", [0, 2])
+async def test_bad_data_fails_alone_and_permanently(
+    db: Any, bad: str, reason: str, mates: int
+) -> None:
+    """A row PostgreSQL cannot take raises PermanentError; rows batched with it are committed."""
+    records = Store(db)
+    good = [event() for _ in range(mates)]
+    poisoned = event()
+    results = await asyncio.gather(
+        *(completed(records, e, f"fine {i}") for i, e in enumerate(good)),
+        completed(records, poisoned, bad),
+        return_exceptions=True,
+    )
+    *fine, failure = results
+    assert fine == [None] * mates
+    assert isinstance(failure, PermanentError), failure
+    assert "PostgreSQL refused the row" in str(failure)
+    assert reason in str(failure)
+    for i, e in enumerate(good):
+        assert (await row(db, e.recording_sid))["transcript"] == f"fine {i}"
+    assert await records.progress(poisoned.recording_sid) is None
+
+
+async def test_a_failure_while_the_database_answers_is_the_rows_own(database_url: str) -> None:
+    """A row write that fails with PostgreSQL up raises its own error; its batch-mate commits."""
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=4, server_settings={"lock_timeout": "100"}
+    )
+    locker = await asyncpg.connect(database_url)
+    try:
+        records = Store(pool)
+        locked, free = event(), event()
+        await completed(records, locked, "first")
+        async with locker.transaction():
+            await locker.execute(
+                "SELECT 1 FROM recordings WHERE recording_sid = $1 FOR UPDATE",
+                locked.recording_sid,
+            )
+            results = await asyncio.gather(
+                completed(records, locked, "second"),
+                completed(records, free, "free"),
+                return_exceptions=True,
+            )
+        assert isinstance(results[0], asyncpg.LockNotAvailableError), results[0]
+        assert results[1] is None
+        assert (await row(pool, free.recording_sid))["transcript"] == "free"
+    finally:
+        await locker.close()
+        await pool.close()
+
+
+async def test_an_unreachable_database_is_unavailable() -> None:
+    """Every method raises Unavailable when nothing answers at the database's address."""
+    pool = await asyncpg.create_pool(
+        f"postgresql://nobody@127.0.0.1:{free_port()}/none", min_size=0, max_size=2
+    )
+    try:
+        records, recording = Store(pool), event()
+        with pytest.raises(Unavailable, match="PostgreSQL unavailable"):
+            await records.progress(recording.recording_sid)
+        batched = await asyncio.gather(
+            completed(records, recording, "text"),
+            completed(records, event(), "text"),
+            return_exceptions=True,
+        )
+        assert [type(result) for result in batched] == [Unavailable, Unavailable]
+        with pytest.raises(Unavailable, match="PostgreSQL unavailable"):
+            await records.terminal(event("absent"), entry_id="1-0")
+        with pytest.raises(Unavailable, match="PostgreSQL unavailable"):
+            await records.failed(recording, entry_id="1-0", error="x")
+    finally:
+        await pool.close()
