@@ -244,13 +244,16 @@ async def _purge(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
 async def _slots(args: argparse.Namespace, settings: Settings) -> int:
     keys = Keys(settings.namespace)
     async with service.open_redis(settings) as redis:
+        slots = semaphore.Slots(
+            redis, keys, default_limit=settings.business_slots, lease_ms=settings.lease_ms
+        )
         if args.action == "set":
             if args.limit < 1:
                 print("streamrec: a limit is at least 1", file=sys.stderr)
                 return 2
-            await redis.hset(keys.slot_limits, args.business_id, str(args.limit))
+            await slots.set_limit(args.business_id, args.limit)
         elif args.action == "unset":
-            await redis.hdel(keys.slot_limits, args.business_id)
+            await slots.set_limit(args.business_id, None)
         rows = await semaphore.picture(redis, keys, default_limit=settings.business_slots)
     print(f"default limit {settings.business_slots or 'off'}")
     for row in rows:

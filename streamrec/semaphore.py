@@ -12,17 +12,27 @@ its fields move from the stream (XACK + XDEL) onto the business's list
 and is not re-read. When a slot frees, the release script moves the oldest
 parked entry back onto the stream, with the slot already reserved for its new
 id, in the same atomic call. An entry is therefore never both parked and in
-the stream, and never in neither. A sweeper run by every consumer wakes parked
-entries whose slots freed without a release (a holder that crashed).
+the stream, and never in neither. A reservation lasts while the woken entry
+waits in the stream undelivered, however long the backlog ahead of it.
+
+Housekeeping scales with what is due, not with the businesses: the index
+``{ns}:parked-due`` scores each business with parked entries by the earliest
+time one could be woken (its first lease expiry), kept current as leases are
+taken, renewed and freed. A sweep, run from every consumer's renew loop but at
+most once per third of the lease over the whole group, wakes only the
+businesses due: those whose holder crashed, or whose limit was raised.
 
 Order within a business is kept: while a business has parked entries, a new
-entry parks behind them even if a slot is free, and entries that had been
-delivered before (reclaimed, or woken but not started in time) park at the front.
-Delivery counts survive parking in the ``prior_deliveries`` field (see
-``streamrec.delivery``).
+entry parks behind them even if a slot is free, and an entry that was in line
+before them (woken, or reclaimed from a consumer that died) parks at the front.
+Delivery counts survive parking in the ``prior_deliveries`` field, and a woken
+entry carries ``woken=1`` (see ``streamrec.delivery``).
 
 Limits: ``STREAMREC_BUSINESS_SLOTS`` for every business, overridden per business
 in the hash ``{ns}:slot-limits`` (``streamrec slots set BUSINESS N``).
+
+The scripts are ``streamrec/lua/slots_*.lua``; ``encode`` builds the call
+layout they share (``slots_prelude.lua``).
 """
 
 from __future__ import annotations
@@ -32,185 +42,48 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
+from streamrec import lua
+from streamrec.delivery import Delivery
 from streamrec.keys import Keys
 
-_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+PRELUDE = "slots_prelude"
 
--- What one call knows of a business: its limit and live holders, read once.
-local function business_state(cache, limits, business, default, slots, now)
-  local b = cache[business]
-  if not b then
-    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-    b = {
-      limit = tonumber(redis.call('HGET', limits, business)) or tonumber(default),
-      held = redis.call('ZCARD', slots),
-    }
-    cache[business] = b
-  end
-  return b
-end
 
--- Move parked entries into free slots: XADD back with the slot reserved.
-local function wake(stream, parked_set, slots, parked, business, b, now, lease)
-  local woken = 0
-  while b.held < b.limit do
-    local item = redis.call('LPOP', parked)
-    if not item then break end
-    local p = cjson.decode(item)
-    local args = {}
-    for i = 1, #p.f do args[i] = p.f[i] end
-    if p.d > 0 then
-      args[#args + 1] = 'prior_deliveries'
-      args[#args + 1] = tostring(p.d)
-    end
-    local id = redis.call('XADD', stream, '*', unpack(args))
-    redis.call('ZADD', slots, now + lease, id)
-    b.held = b.held + 1
-    woken = woken + 1
-  end
-  if woken > 0 and redis.call('EXISTS', parked) == 0 then
-    redis.call('SREM', parked_set, business)
-  end
-  return woken
-end
-"""
+def encode(
+    keys: Keys,
+    rows: Sequence[tuple[str, ...]] = (),
+    *extra: str,
+    lease_ms: int = 0,
+    default_limit: int = 0,
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of one slots script call, in the layout of ``slots_prelude.lua``.
 
-# Every script below takes the same layout, keys declared once per business:
-#   KEYS: stream, parked set, limits, then per business j: slots key, parked key
-#   ARGV: group, lease ms, default limit, n businesses, their names, then the
-#         entries in one space-separated string (a third of the encoding work of
-#         one argument per value), each giving its business by its number j.
-_LAYOUT = """
-local now = now_ms()
-local group, lease, default = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local nb = tonumber(ARGV[4])
-local first = 5 + nb
-local cache = {}
-local function business(j)
-  local name = ARGV[4 + j]
-  local slots, parked = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
-  return name, slots, parked, business_state(cache, KEYS[3], name, default, slots, now)
-end
-"""
-
-# Entries: "id j deliveries" (deliveries so far, prior_deliveries included).
-# Returns per entry: 1 run (slot held), 0 parked, -1 no longer in the stream.
-ACQUIRE = (
-    _COMMON
-    + _LAYOUT
-    + """
-local out = {}
-for id, j, d in string.gmatch(ARGV[first], '(%S+) (%S+) (%S+)') do
-  local deliveries = tonumber(d)
-  local name, slots, parked, b = business(tonumber(j))
-  if b.queued == nil then b.queued = redis.call('LLEN', parked) end
-  -- Entries delivered before are older than anything queued: they go first.
-  local front = deliveries > 1
-  if redis.call('ZSCORE', slots, id) then
-    redis.call('ZADD', slots, now + lease, id)  -- its slot was reserved when it was woken
-    out[#out + 1] = 1
-  elseif b.held < b.limit and (front or b.queued == 0) then
-    redis.call('ZADD', slots, now + lease, id)
-    b.held = b.held + 1
-    out[#out + 1] = 1
-  else
-    local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
-    if not entry or entry[1] ~= id then
-      out[#out + 1] = -1
-    else
-      local fields = {}
-      for j = 1, #entry[2], 2 do
-        if entry[2][j] ~= 'prior_deliveries' then
-          fields[#fields + 1] = entry[2][j]
-          fields[#fields + 1] = entry[2][j + 1]
-        end
-      end
-      -- This delivery did not run, so it does not count against the entry.
-      local item = cjson.encode({f = fields, d = deliveries - 1, id = id, at = now})
-      if front then redis.call('LPUSH', parked, item) else redis.call('RPUSH', parked, item) end
-      b.queued = b.queued + 1
-      redis.call('SADD', KEYS[2], name)
-      redis.call('XACK', KEYS[1], group, id)
-      redis.call('XDEL', KEYS[1], id)
-      out[#out + 1] = 0
-      -- Queued only because others wait: move the queue on by the free slots.
-      b.queued = b.queued - wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
-    end
-  end
-end
-return out
-"""
-)
-
-# Entries: "id j"; then ARGV[first + 1] is 1 to XACK + XDEL them too.
-# Returns how many parked entries were woken.
-RELEASE = (
-    _COMMON
-    + _LAYOUT
-    + """
-local ids, touched = {}, {}
-for id, j in string.gmatch(ARGV[first], '(%S+) (%S+)') do
-  j = tonumber(j)
-  ids[#ids + 1] = id
-  redis.call('ZREM', KEYS[2 + 2 * j], id)
-  touched[j] = true
-end
-if ARGV[first + 1] == '1' and #ids > 0 then
-  redis.call('XACK', KEYS[1], group, unpack(ids))
-  redis.call('XDEL', KEYS[1], unpack(ids))
-end
-local woken = 0
-for j = 1, nb do
-  if touched[j] and redis.call('EXISTS', KEYS[3 + 2 * j]) == 1 then
-    local name, slots, parked, b = business(j)
-    woken = woken + wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
-  end
-end
-return woken
-"""
-)
-
-# Entries: "id j". Renews held leases; re-takes an expired one if a slot is
-# free. Returns the ids whose slot was lost to others.
-RENEW = (
-    _COMMON
-    + _LAYOUT
-    + """
-local lost = {}
-for id, j in string.gmatch(ARGV[first], '(%S+) (%S+)') do
-  local _, slots, _, b = business(tonumber(j))
-  if redis.call('ZSCORE', slots, id) then
-    redis.call('ZADD', slots, now + lease, id)
-  elseif b.held < b.limit then
-    redis.call('ZADD', slots, now + lease, id)
-    b.held = b.held + 1
-  else
-    lost[#lost + 1] = id
-  end
-end
-return lost
-"""
-)
-
-# No entries: wakes parked entries of every business given. Returns how many.
-SWEEP = (
-    _COMMON
-    + _LAYOUT
-    + """
-local woken = 0
-for j = 1, nb do
-  local name, slots, parked, b = business(j)
-  woken = woken + wake(KEYS[1], KEYS[2], slots, parked, name, b, now, lease)
-  if redis.call('EXISTS', parked) == 0 then redis.call('SREM', KEYS[2], name) end
-end
-return woken
-"""
-)
+    ``rows`` are the call's entries, each its business then the values the
+    script reads for it. Each business is declared once, with its keys, and
+    numbered; the entries travel as one space-separated string of
+    ``"number value ..."`` (a third of the encoding work of one argument per
+    value). ``extra`` is what the script takes after the entries.
+    """
+    numbers: dict[str, str] = {}
+    names = [
+        keys.stream,
+        keys.slot_limits,
+        keys.parked_set,
+        keys.slot_businesses,
+        keys.legacy_parked_set,
+        keys.slot_sweep,
+    ]
+    packed = []
+    for business, *values in rows:
+        number = numbers.get(business)
+        if number is None:
+            number = numbers[business] = str(len(numbers) + 1)
+            names += (keys.slots(business), keys.parked(business))
+        packed.append(" ".join((number, *values)))
+    head = [keys.group, str(lease_ms), str(default_limit), keys.slots(""), keys.parked("")]
+    return names, [*head, str(len(numbers)), *numbers, " ".join(packed), *extra]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +105,12 @@ class Admission:
 
 
 class Slots:
-    """The slots of every business of one namespace, for one consumer."""
+    """The slots of every business of one namespace, for one consumer.
+
+    Each method is one script call. A Redis failure raises ``RedisError``; every
+    call is safe to repeat (a repeated acquire finds the entries it parked gone
+    from the stream, a repeated release or renewal changes nothing more).
+    """
 
     def __init__(
         self,
@@ -243,41 +121,47 @@ class Slots:
         lease_ms: int = 30_000,
         field: str = "business_id",
     ) -> None:
-        self._redis = redis
         self._keys = keys
         self.default_limit = default_limit
         self.lease_ms = lease_ms
         self.field = field
-        self._acquire = redis.register_script(ACQUIRE)
-        self._release = redis.register_script(RELEASE)
-        self._renew = redis.register_script(RENEW)
-        self._sweep = redis.register_script(SWEEP)
+        self.sweep_period_ms = max(1, lease_ms // 3)
+        """At most one sweep per period over the group: a consumer's renewal cadence."""
+        self._acquire = lua.register(redis, "slots_acquire", PRELUDE)
+        self._release = lua.register(redis, "slots_release", PRELUDE)
+        self._renew = lua.register(redis, "slots_renew", PRELUDE)
+        self._sweep = lua.register(redis, "slots_sweep", PRELUDE)
+        self._limit = lua.register(redis, "slots_limit", PRELUDE)
+        self._parked = lua.register(redis, "slots_parked", PRELUDE)
 
     def business(self, fields: dict[str, str]) -> str | None:
         """The business an entry counts against (None: not limited)."""
         return fields.get(self.field) or None
 
-    def _layout(self, businesses: Sequence[str]) -> tuple[list[str], list[str], dict[str, str]]:
-        """KEYS and leading ARGV for ``businesses``, and each one's number as a string."""
-        numbers: dict[str, str] = {}
-        keys = [self._keys.stream, self._keys.parked_set, self._keys.slot_limits]
-        for business in businesses:
-            if business not in numbers:
-                numbers[business] = str(len(numbers) + 1)
-                keys += (self._keys.slots(business), self._keys.parked(business))
-        head = [self._keys.group, str(self.lease_ms), str(self.default_limit), str(len(numbers))]
-        return keys, head + list(numbers), numbers
+    async def _call(self, script: AsyncScript, rows: Sequence[tuple[str, ...]], *extra: str) -> Any:
+        """Run a slots script on ``rows`` (and ``extra``), encoded by ``encode``."""
+        keys, args = encode(
+            self._keys, rows, *extra, lease_ms=self.lease_ms, default_limit=self.default_limit
+        )
+        return await script(keys=keys, args=args)
 
-    async def admit(self, entries: Sequence[tuple[str, dict[str, str], int]]) -> Admission:
-        """Take slots for (entry id, fields, deliveries) of a batch read; one call.
+    async def admit(self, deliveries: Sequence[Delivery]) -> Admission:
+        """Take slots for the deliveries of a batch read, in one call.
 
-        Entries of no business (no ``field``) are not limited and run.
+        Entries of no business (no ``field``) are not limited and run. An entry
+        that parks carries the deliveries that went before this one; an entry
+        that was woken or reclaimed was in its business's line before the ones
+        parked now, so it parks at the front.
         """
-        limited = [(i, b, d) for i, f, d in entries if (b := self.business(f)) is not None]
+        limited = [
+            (d.entry_id, b, d.before, d.woken or d.reclaimed)
+            for d in deliveries
+            if (b := self.business(d.fields)) is not None
+        ]
         verdicts = await self.acquire(limited)
         held: list[Held] = []
         refused: set[str] = set()
-        for (entry_id, business, _), verdict in zip(limited, verdicts, strict=True):
+        for (entry_id, business, _, _), verdict in zip(limited, verdicts, strict=True):
             if verdict == 1:
                 held.append(Held(entry_id, business))
             else:
@@ -285,75 +169,71 @@ class Slots:
         parked = sum(1 for verdict in verdicts if verdict == 0)
         return Admission(held, refused, parked)
 
-    async def acquire(self, entries: Sequence[tuple[str, str, int]]) -> list[int]:
-        """For (entry id, business, deliveries) each: 1 run, 0 parked, -1 gone. One call."""
+    async def acquire(self, entries: Sequence[tuple[str, str, int, bool]]) -> list[int]:
+        """For (entry id, business, deliveries before, front) each: 1 run, 0 parked, -1 gone.
+
+        One call. ``deliveries before`` is what a parked entry carries (this
+        delivery did not run); ``front`` parks it ahead of its business's line.
+        """
         if not entries:
             return []
-        keys, args, numbers = self._layout([business for _, business, _ in entries])
-        args.append(" ".join(f"{i} {numbers[b]} {d}" for i, b, d in entries))
-        return [int(x) for x in await self._acquire(keys=keys, args=args)]
+        rows = [(b, i, str(before), "1" if front else "0") for i, b, before, front in entries]
+        return [int(x) for x in await self._call(self._acquire, rows)]
 
     async def release(self, held: Sequence[Held], *, ack: bool) -> int:
-        """Free the slots (acking the entries too with ``ack``); wake parked ones. One call."""
+        """Free the slots (acking the entries too with ``ack``); wake parked ones. One call.
+
+        Returns how many parked entries were woken.
+        """
         if not held:
             return 0
-        keys, args, numbers = self._layout([h.business for h in held])
-        args += (_packed(held, numbers), "1" if ack else "0")
-        return int(await self._release(keys=keys, args=args))
+        rows = [(h.business, h.entry_id) for h in held]
+        return int(await self._call(self._release, rows, "1" if ack else "0"))
 
     async def renew(self, held: Sequence[Held]) -> list[str]:
-        """Extend the leases of held slots; returns ids whose slot was lost."""
+        """Extend the leases of held slots; returns ids whose slot was lost. One call."""
         if not held:
             return []
-        keys, args, numbers = self._layout([h.business for h in held])
-        args.append(_packed(held, numbers))
-        return [str(x) for x in await self._renew(keys=keys, args=args)]
+        rows = [(h.business, h.entry_id) for h in held]
+        return [str(x) for x in await self._call(self._renew, rows)]
 
     async def sweep(self) -> int:
-        """Wake parked entries of businesses whose slots freed without a release."""
-        members = await self._redis.smembers(self._keys.parked_set)
-        if not members:
-            return 0
-        keys, args, _ = self._layout(sorted(str(b) for b in members))
-        return int(await self._sweep(keys=keys, args=args))
+        """Wake parked entries of the businesses due: a holder's lease ran out, a limit rose.
+
+        Reads only those businesses, and does nothing (returns 0) when another
+        consumer of the group swept less than ``sweep_period_ms`` ago. Returns
+        how many entries were woken.
+        """
+        return int(await self._call(self._sweep, (), str(self.sweep_period_ms)))
+
+    async def set_limit(self, business: str, limit: int | None) -> int:
+        """Give ``business`` a limit of its own (None: back to the default), for every
+        consumer at once; parked entries a raised limit lets run are woken now.
+
+        Returns how many were woken.
+        """
+        value = "" if limit is None else str(limit)
+        return int(await self._call(self._limit, [(business,)], value))
 
     async def parked_total(self) -> int:
-        """How many entries are parked, over all businesses."""
-        businesses = await self._redis.smembers(self._keys.parked_set)
-        if not businesses:
-            return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for business in businesses:
-                pipe.llen(self._keys.parked(str(business)))
-            return sum(int(n) for n in await pipe.execute())
-
-
-def _packed(held: Sequence[Held], numbers: dict[str, str]) -> str:
-    return " ".join(f"{h.entry_id} {numbers[h.business]}" for h in held)
+        """How many entries are parked, over all businesses. One call."""
+        return int(await self._call(self._parked, ()))
 
 
 async def picture(redis: aioredis.Redis, keys: Keys, *, default_limit: int) -> list[dict[str, Any]]:
-    """Per business: slots in use (live leases), limit and parked count."""
-    seconds, micros = await redis.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    businesses = {str(b) for b in await redis.smembers(keys.parked_set)}
-    prefix = keys.slots("")
-    async for key in redis.scan_iter(match=keys.slots("*"), count=500):
-        businesses.add(str(key)[len(prefix) :])
-    limits = {str(k): int(v) for k, v in (await redis.hgetall(keys.slot_limits)).items()}
-    businesses |= set(limits)
-    rows = []
-    for business in sorted(businesses):
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(keys.slots(business), now_ms, "+inf")
-            pipe.llen(keys.parked(business))
-            in_use, parked = await pipe.execute()
-        rows.append(
-            {
-                "business_id": business,
-                "in_use": int(in_use),
-                "limit": limits.get(business, default_limit),
-                "parked": int(parked),
-            }
-        )
-    return rows
+    """Per business: slots in use (live leases), limit and parked count. One read-only call.
+
+    Lists the businesses that hold slots, have parked entries or a limit of
+    their own, sorted by name.
+    """
+    names, args = encode(keys)
+    rows = await lua.register(redis, "slots_picture", PRELUDE)(keys=names, args=args)
+    return [
+        {
+            "business_id": str(business),
+            "in_use": int(in_use),
+            "limit": int(own) if own else default_limit,
+            "parked": int(parked),
+        }
+        for business, in_use, own, parked in sorted(rows)
+    ]
