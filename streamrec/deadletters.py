@@ -4,7 +4,10 @@ A dead letter is the entry's original fields followed by ``error``,
 ``attempts``, ``origin_id``, ``consumer`` and ``failed_at`` (ms since the epoch);
 handlers must not use those names for fields of their own. Moving an entry in
 and replaying it out are each one atomic step, so an entry is never in both
-streams and never in neither.
+streams and never in neither. Both are safe to repeat (the Redis client retries
+a command whose reply was lost): a move only moves an entry still in the
+stream, and a short-lived marker lets a repeated move or replay recognise its
+own earlier success and answer as it did.
 """
 
 from __future__ import annotations
@@ -16,43 +19,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
+from streamrec import lua
 from streamrec.keys import Keys
 
 META_FIELDS = ("error", "attempts", "origin_id", "consumer", "failed_at")
-
-# KEYS: dead, stream. ARGV: dead-letter ids. Moves each one's original fields
-# back to the stream; returns the new ids (false where the id was not there).
-# Only a dead letter's exact id counts: XRANGE reads "5" as the range 5-0..5-max
-# and a malformed id as an error, and either would move a wrong entry or only
-# part of the batch.
-REPLAY = """
-local moved = {}
-for i = 1, #ARGV do
-  local found = redis.pcall('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  local entry = nil
-  if type(found) == 'table' and not found.err and found[1] and found[1][1] == ARGV[i] then
-    entry = found[1]
-  end
-  if entry then
-    local fields, original = entry[2], {}
-    for j = 1, #fields, 2 do
-      local name = fields[j]
-      if name ~= 'error' and name ~= 'attempts' and name ~= 'origin_id'
-         and name ~= 'consumer' and name ~= 'failed_at' then
-        original[#original + 1] = name
-        original[#original + 1] = fields[j + 1]
-      end
-    end
-    moved[i] = redis.call('XADD', KEYS[2], '*', unpack(original))
-    redis.call('XDEL', KEYS[1], ARGV[i])
-  else
-    moved[i] = false
-  end
-end
-return moved
-"""
+MARKER_TTL_S = 600
+"""How long a move or replay remembers its result, for a repeat of the same call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +54,8 @@ class DeadLetter:
         )
 
 
-def add_move(
-    pipe: Pipeline,
+async def move(
+    redis: aioredis.Redis,
     keys: Keys,
     *,
     entry_id: str,
@@ -90,9 +63,14 @@ def add_move(
     error: str,
     attempts: int,
     consumer: str,
-) -> None:
-    """Queue on a MULTI pipeline: XADD the dead letter, XACK and XDEL the entry."""
-    dead = {
+) -> bool:
+    """Move the entry to the dead letters with its failure, XACK and XDEL it, in one call.
+
+    True if this call moved it (a repeat after a lost reply is recognised);
+    False if the entry had already left the stream, when it is only XACKed.
+    Raises RedisError when Redis does not answer.
+    """
+    letter = {
         **fields,
         "error": error,
         "attempts": str(attempts),
@@ -100,9 +78,19 @@ def add_move(
         "consumer": consumer,
         "failed_at": str(int(time.time() * 1000)),
     }
-    pipe.xadd(keys.dead, dead)  # type: ignore[arg-type]
-    pipe.xack(keys.stream, keys.group, entry_id)
-    pipe.xdel(keys.stream, entry_id)
+    script = lua.register(redis, "deadletters_move")
+    return bool(await script(*_move_input(keys, entry_id, consumer, letter)))
+
+
+def _move_input(
+    keys: Keys, entry_id: str, consumer: str, letter: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of deadletters_move.lua (see its header) for one dead letter."""
+    flat = [part for pair in letter.items() for part in pair]
+    return (
+        [keys.stream, keys.dead, keys.dead_moved(entry_id)],
+        [keys.group, entry_id, consumer, str(MARKER_TTL_S), json.dumps(flat)],
+    )
 
 
 async def listing(redis: aioredis.Redis, keys: Keys, *, count: int = 100) -> list[DeadLetter]:
@@ -114,22 +102,43 @@ async def listing(redis: aioredis.Redis, keys: Keys, *, count: int = 100) -> lis
 
 
 async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str]) -> dict[str, str | None]:
-    """Put dead letters back on the stream; returns old id → new id (None if unknown)."""
+    """Put dead letters back on the stream; returns old id → new id (None if unknown).
+
+    Repeating a replay (within MARKER_TTL_S) answers the same new ids and adds
+    nothing. Raises RedisError when Redis does not answer.
+    """
     if not ids:
         return {}
-    moved = await redis.register_script(REPLAY)(keys=[keys.dead, keys.stream], args=ids)
+    moved = await lua.register(redis, "deadletters_replay")(*_replay_input(keys, ids))
     return {old: (str(new) if new else None) for old, new in zip(ids, moved, strict=True)}
 
 
+def _replay_input(keys: Keys, ids: list[str]) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of deadletters_replay.lua (see its header) for these dead-letter ids."""
+    return (
+        [keys.dead, keys.stream, *(keys.replayed(i) for i in ids)],
+        [str(MARKER_TTL_S), *ids],
+    )
+
+
 async def replay_all(redis: aioredis.Redis, keys: Keys, *, batch: int = 500) -> int:
-    """Replay every dead letter, oldest first, in batches; returns how many."""
-    total = 0
+    """Replay the dead letters there are now, oldest first, in batches; returns how many.
+
+    Letters that arrive meanwhile (a replayed entry failing again, say) are
+    left for later, so the call ends even while replays keep failing.
+    """
+    newest = await redis.xrevrange(keys.dead, count=1)
+    if not newest:
+        return 0
+    last, after, total = str(newest[0][0]), "-", 0
     while True:
-        letters = await listing(redis, keys, count=batch)
-        if not letters:
+        found = await redis.xrange(keys.dead, min=after, max=last, count=batch)
+        if not found:
             return total
-        moved = await replay(redis, keys, [letter.id for letter in letters])
+        ids = [str(entry_id) for entry_id, _ in found]
+        moved = await replay(redis, keys, ids)
         total += sum(1 for new in moved.values() if new)
+        after = "(" + ids[-1]
 
 
 async def purge(redis: aioredis.Redis, keys: Keys, ids: list[str] | None = None) -> int:

@@ -41,14 +41,23 @@ class Keys:
         """Dedupe marker of one recording: holds the stream entry id it was added as."""
         return f"{self._tag}:seen:{recording_sid}"
 
-    def heartbeat(self, consumer: str) -> str:
-        """A consumer's heartbeat: JSON about the process, expiring unless renewed."""
-        return f"{self._tag}:heartbeat:{consumer}"
+    def dead_moved(self, entry_id: str) -> str:
+        """Marker of an entry just moved to the dead letters: the consumer that moved it."""
+        return f"{self._tag}:dead-moved:{entry_id}"
+
+    def replayed(self, dead_id: str) -> str:
+        """Marker of a dead letter just replayed: the id it was put back on the stream as."""
+        return f"{self._tag}:replayed:{dead_id}"
 
     @property
-    def heartbeat_pattern(self) -> str:
-        """SCAN pattern matching every consumer heartbeat of this namespace."""
-        return f"{self._tag}:heartbeat:*"
+    def consumers(self) -> str:
+        """Sorted set of the consumers' names, scored by heartbeat expiry (ms, server time)."""
+        return f"{self._tag}:consumers"
+
+    @property
+    def heartbeats(self) -> str:
+        """Hash of consumer name → its last heartbeat (JSON about the process)."""
+        return f"{self._tag}:heartbeats"
 
     def slots(self, business: str) -> str:
         """Sorted set of the entry ids holding a slot of ``business``, scored by lease expiry."""
@@ -60,8 +69,25 @@ class Keys:
 
     @property
     def parked_set(self) -> str:
-        """Set of the businesses that have parked entries."""
+        """Sorted set of the businesses that have parked entries, scored by the earliest
+        time (Redis time, ms) one of them could be woken: a sweep reads only those due."""
+        return f"{self._tag}:parked-due"
+
+    @property
+    def legacy_parked_set(self) -> str:
+        """Plain set of the businesses with parked entries, as earlier versions kept it;
+        the first sweep moves it into ``parked_set``."""
         return f"{self._tag}:parked"
+
+    @property
+    def slot_businesses(self) -> str:
+        """Set of the businesses that hold slots, have parked entries or a limit of their own."""
+        return f"{self._tag}:slot-businesses"
+
+    @property
+    def slot_sweep(self) -> str:
+        """Lock (``SET NX PX``) letting one consumer of the group sweep per period."""
+        return f"{self._tag}:slot-sweep"
 
     @property
     def slot_limits(self) -> str:

@@ -1,7 +1,12 @@
 """A consumer's housekeeping beside its read loop: heartbeat, gauges, progress line.
 
-The heartbeat is a key with a TTL (``{ns}:heartbeat:<consumer>``) holding JSON
-about the process; ``streamrec check`` and ``status`` read it. Every few
+The heartbeat is an entry of the consumer registry: its expiry (Redis server
+time) in the sorted set ``{ns}:consumers`` and JSON about the process in the
+hash ``{ns}:heartbeats``, written together by one script that also prunes
+expired members. ``streamrec check`` and ``status`` read the registry in one
+round trip; they never SCAN the keyspace, which holds a marker per recording
+of the last days. A consumer that stops removes its entry; a crashed one
+expires three beats after its last. Every few
 seconds the monitor also samples the group (pending, oldest pending age, lag,
 dead letters) into the metrics, and now and then logs a ``consumer_progress``
 line so a person watching the terminal sees the work move.
@@ -19,7 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from streamrec import status
+from streamrec import lua, status
 from streamrec.aio import wait_set
 from streamrec.consumer import Consumer
 from streamrec.keys import Keys
@@ -50,6 +55,7 @@ class Monitor:
         self._progress_s = progress_s
         self._started_ms = int(time.time() * 1000)
         self._last_progress = (time.monotonic(), 0)
+        self._beat = lua.register(redis, "monitor_beat")
 
     @property
     def ttl_ms(self) -> int:
@@ -67,7 +73,7 @@ class Monitor:
                 await wait_set(stop, self._interval)
         finally:
             try:
-                await self._redis.delete(self._keys.heartbeat(self._consumer.name))
+                await self._beat(*self._beat_input(None))
             except RedisError as exc:
                 log.warning("heartbeat_not_removed", error=describe(exc))
 
@@ -83,15 +89,18 @@ class Monitor:
             "dead_lettered": self._consumer.dead_lettered,
             "in_flight": self._consumer.in_flight,
         }
-        await self._redis.set(
-            self._keys.heartbeat(self._consumer.name), json.dumps(beat), px=self.ttl_ms
-        )
+        await self._beat(*self._beat_input(beat))
         report = await status.collect(self._redis, self._keys, detail=False)
         self._metrics.pending.set(report["pending"])
         self._metrics.lag.set(report["lag"] or 0)
         self._metrics.dead_letters.set(report["dead_letters"])
         self._metrics.oldest_pending_age.set((report["oldest_pending_idle_ms"] or 0) / 1000)
         self._maybe_progress(report)
+
+    def _beat_input(self, beat: dict[str, object] | None) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of monitor_beat.lua (see its header); a beat of None leaves."""
+        keys = [self._keys.consumers, self._keys.heartbeats]
+        return keys, [self._consumer.name, str(self.ttl_ms), json.dumps(beat) if beat else ""]
 
     def _maybe_progress(self, report: dict[str, object]) -> None:
         now = time.monotonic()

@@ -1,10 +1,11 @@
 """The webhook: verifies Twilio's RecordingStatusCallback and adds it to the stream.
 
 A callback is answered 2xx only once its event is in Redis (503 while Redis is
-unreachable, so Twilio retries). Retries and duplicate callbacks of one
-recording add one entry: a Lua script checks the RecordingSid marker and XADDs
-in one atomic call. Callbacks arriving together share that call (each is still
-answered only after its own entry is in).
+unreachable or refuses the event, so Twilio retries). Retries and duplicate
+callbacks of one recording add one entry: a Lua script checks the RecordingSid
+marker and XADDs in one atomic call. Callbacks arriving together share that
+call (each is still answered only after its own entry is in, and an error
+about one of them fails that one alone).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
+from streamrec import lua
 from streamrec.batch import Batcher
 from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
 from streamrec.keys import Keys
@@ -30,28 +32,6 @@ from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
 log = structlog.get_logger("streamrec.producer")
 
 WEBHOOK_PATH = "/twilio/recording"
-
-# KEYS: marker, stream. ARGV: marker ttl, then field/value pairs.
-# Returns {1, id} when added, {0, id-of-the-first} for a duplicate.
-# KEYS: stream, then each event's marker. ARGV: marker ttl, then each event's
-# fields as one JSON array [name, value, ...]. Returns per event: 1 and its new
-# id, or 0 and the id its recording was first added as.
-ENQUEUE_ONCE = """
-local out = {}
-for k = 2, #KEYS do
-  local seen = redis.call('GET', KEYS[k])
-  if seen then
-    out[#out + 1] = 0
-    out[#out + 1] = seen
-  else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[k])))
-    redis.call('SET', KEYS[k], id, 'EX', ARGV[1])
-    out[#out + 1] = 1
-    out[#out + 1] = id
-  end
-end
-return out
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,19 +59,37 @@ class Enqueuer:
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, dedupe_ttl_s: int) -> None:
         self._keys = keys
-        self._ttl = str(dedupe_ttl_s)
-        self._script = redis.register_script(ENQUEUE_ONCE)
+        self._ttl = dedupe_ttl_s
+        self._script = lua.register(redis, "producer_enqueue_once")
         self._batches: Batcher[RecordingEvent, tuple[bool, str]] = Batcher(self._enqueue)
 
     async def enqueue(self, event: RecordingEvent) -> tuple[bool, str]:
-        """Add the event unless its recording was seen; returns (added, entry id)."""
+        """Add the event unless its recording was seen; returns (added, entry id).
+
+        Raises RedisError when Redis is unreachable or refuses the event (its
+        marker holds another type, Redis is out of memory); then nothing of
+        this event was written, and events sharing its call are unaffected.
+        """
         return await self._batches.submit(event)
 
-    async def _enqueue(self, events: list[RecordingEvent]) -> list[tuple[bool, str]]:
-        keys = [self._keys.stream, *(self._keys.seen(e.recording_sid) for e in events)]
-        args = [self._ttl, *(json.dumps(e.field_list()) for e in events)]
-        flat = await self._script(keys=keys, args=args)
-        return [(bool(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+    async def _enqueue(self, events: list[RecordingEvent]) -> list[tuple[bool, str] | Exception]:
+        flat = await self._script(*_enqueue_input(self._keys, self._ttl, events))
+        return [_outcome(int(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _outcome(code: int, value: str) -> tuple[bool, str] | Exception:
+    """One event's part of the script's reply: (added, entry id), or the error Redis gave."""
+    return ResponseError(value) if code < 0 else (code == 1, value)
+
+
+def _enqueue_input(
+    keys: Keys, ttl_s: int, events: list[RecordingEvent]
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of producer_enqueue_once.lua (see its header) for a batch of events."""
+    return (
+        [keys.stream, *(keys.seen(e.recording_sid) for e in events)],
+        [str(ttl_s), *(json.dumps(e.field_list()) for e in events)],
+    )
 
 
 ENQUEUER_KEY: web.AppKey[Enqueuer] = web.AppKey("enqueuer", Enqueuer)

@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from streamrec import store
+from streamrec import health, store
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics, metrics_app
@@ -98,7 +98,7 @@ def business_slots(settings: Settings, redis: aioredis.Redis) -> Slots | None:
         redis,
         Keys(settings.namespace),
         default_limit=settings.business_slots,
-        lease_ms=settings.slot_lease_ms,
+        lease_ms=settings.lease_ms,
     )
 
 
@@ -126,17 +126,21 @@ async def consume(
     until_idle: bool = False,
     metrics: Metrics | None = None,
     serve_metrics: bool = True,
+    check_redis: bool = True,
 ) -> None:
     """Run one consumer of the recording pipeline until ``stop`` (or idle).
 
     Beside it run its monitor (heartbeat, gauges, progress line) and, when
     ``serve_metrics`` and ``STREAMREC_METRICS_PORT`` is not 0, a /metrics server.
+    With ``check_redis``, a Redis before 7.0 is refused first (UnsupportedRedis).
     """
     await store.migrate(settings.database_url)
     metrics = metrics or Metrics()
     keys = Keys(settings.namespace)
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
+        if check_redis:
+            await health.require_redis(redis)
         pipeline = await _pipeline(settings, stack, metrics)
         consumer = Consumer(
             redis=redis,
@@ -214,11 +218,18 @@ async def _listening(app: web.Application, host: str, port: int) -> AsyncIterato
         await runner.cleanup()
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, metrics: Metrics | None = None) -> None:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    check_redis: bool = True,
+) -> None:
     """Serve the webhook until ``stop``; in-flight requests finish before it returns.
 
     PostgreSQL is not needed to accept callbacks; a pool that opens no
-    connection until asked serves /readyz.
+    connection until asked serves /readyz. With ``check_redis``, a Redis
+    before 7.0 is refused first (UnsupportedRedis).
     """
     account_sid, auth_token = settings.twilio_credentials()
     config = WebhookConfig(
@@ -231,6 +242,8 @@ async def serve(settings: Settings, stop: asyncio.Event, *, metrics: Metrics | N
     )
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
+        if check_redis:
+            await health.require_redis(redis, unreachable_ok=True)
         pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
         stack.push_async_callback(pool.close)
 
@@ -247,7 +260,11 @@ async def serve(settings: Settings, stop: asyncio.Event, *, metrics: Metrics | N
 async def run_all(settings: Settings, stop: asyncio.Event) -> None:
     """The webhook and one consumer in this process, one /metrics; either failing stops both."""
     settings.twilio_credentials()
+    async with open_redis(settings) as redis:
+        await health.require_redis(redis)  # once, before either starts
     metrics = Metrics()
     async with asyncio.TaskGroup() as group:
-        group.create_task(serve(settings, stop, metrics=metrics))
-        group.create_task(consume(settings, stop, metrics=metrics, serve_metrics=False))
+        group.create_task(serve(settings, stop, metrics=metrics, check_redis=False))
+        group.create_task(
+            consume(settings, stop, metrics=metrics, serve_metrics=False, check_redis=False)
+        )

@@ -1,12 +1,16 @@
-"""A read-only summary of the stream, its group, consumers and dead letters.
+"""A read-only summary of the stream, its group, consumers, dead letters and server.
 
-Uses only XINFO, XPENDING, XLEN, SCAN and MGET, so it never disturbs a live system.
+Only reads (XINFO, XPENDING, XLEN, the consumer registry, INFO, CONFIG GET), so
+it never disturbs a live system. The consumers' heartbeats come from the
+registry the monitor keeps, in one round trip: no SCAN of a keyspace that
+holds a dedupe marker per recording of the last days.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,6 +20,7 @@ from streamrec import semaphore
 from streamrec.keys import Keys
 
 PER_CONSUMER_SCAN = 1000  # pending entries read per consumer to find its oldest idle one
+MIN_VERSION = (7, 0)  # XAUTOCLAIM's reply with its third part (deleted ids)
 
 
 async def collect(
@@ -44,6 +49,8 @@ async def collect(
         "oldest_pending_idle_ms": None,
         "consumers": [],
         "businesses": [],
+        "redis": None,
+        "warnings": [],
         "collected_at_ms": now_ms,
     }
     group = await _group(redis, keys)
@@ -57,6 +64,9 @@ async def collect(
                 report["oldest_pending_id"] = oldest[0]["message_id"]
                 report["oldest_pending_idle_ms"] = oldest[0]["time_since_delivered"]
     if detail:
+        facts = await server(redis)
+        report["redis"] = asdict(facts)
+        report["warnings"] = facts.warnings
         report["consumers"] = await _consumers(redis, keys, group is not None, now_ms)
         report["businesses"] = await semaphore.picture(redis, keys, default_limit=default_slots)
     return report
@@ -105,23 +115,86 @@ async def _oldest_idle(redis: aioredis.Redis, keys: Keys, member: dict[str, Any]
 
 
 async def heartbeats(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """The live consumers' heartbeats (expired ones are gone)."""
-    names = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern, count=500)]
-    if not names:
-        return []
+    """The live consumers' heartbeats, read from the consumer registry in one round trip.
+
+    A consumer is live until the expiry its last beat set (Redis server time);
+    expired members are left out here and pruned by the next beat.
+    """
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.time()
+        pipe.zrange(keys.consumers, 0, -1, withscores=True)
+        pipe.hgetall(keys.heartbeats)
+        (seconds, micros), members, raw = await pipe.execute()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     beats = []
-    for raw in await redis.mget(names):
-        if raw:
+    for name, expiry in members:
+        if expiry > now_ms and raw.get(name):
             try:
-                beats.append(json.loads(raw))
+                beats.append(json.loads(raw[name]))
             except ValueError:
                 continue
     return beats
 
 
+@dataclass(frozen=True, slots=True)
+class Server:
+    """The Redis server streamrec talks to, as far as streamrec depends on it."""
+
+    address: str
+    """host:port (or socket path); never the password."""
+    version: str
+    maxmemory_policy: str | None
+    """None when CONFIG GET is refused (managed Redis often disables it)."""
+
+    @property
+    def refusal(self) -> str | None:
+        """Why streamrec cannot run against this server (a Redis before 7.0), or None."""
+        parts = [int(p) if p.isdigit() else 0 for p in [*self.version.split("."), "0"][:2]]
+        if tuple(parts) >= MIN_VERSION:
+            return None
+        return (
+            f"Redis at {self.address} is version {self.version}; "
+            f"streamrec needs Redis {'.'.join(map(str, MIN_VERSION))} or later"
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        """What is wrong with this server but does not stop streamrec (eviction, mostly)."""
+        found = [self.refusal] if self.refusal else []
+        lost = "Redis may evict the stream, dead letters or parked entries under memory pressure"
+        if self.maxmemory_policy is None:
+            found.append(
+                f"maxmemory-policy of Redis at {self.address} could not be checked "
+                f"(CONFIG GET refused): it must be noeviction, or {lost}"
+            )
+        elif self.maxmemory_policy != "noeviction":
+            found.append(
+                f"maxmemory-policy of Redis at {self.address} is {self.maxmemory_policy}: "
+                f"{lost}; set it to noeviction"
+            )
+        return found
+
+
+async def server(redis: aioredis.Redis) -> Server:
+    """Address, version and eviction policy of ``redis``'s server.
+
+    Raises RedisError when the server does not answer; a refused CONFIG GET
+    gives a policy of None.
+    """
+    version = str((await redis.info("server"))["redis_version"])
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+    except ResponseError:  # CONFIG disabled, renamed or denied by an ACL
+        policy = None
+    kwargs = redis.connection_pool.connection_kwargs
+    address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    return Server(address=str(address), version=version, maxmemory_policy=policy)
+
+
 def render(report: dict[str, Any]) -> str:
     """The status document as a few readable lines."""
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
+    lines += [
         f"stream {report['stream']}  group {report['group']}",
         f"  length {report['length']}  lag {report['lag']}  pending {report['pending']}"
         f"  oldest pending idle {_age(report['oldest_pending_idle_ms'])}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -55,19 +56,20 @@ async def dead_recordings(
 
 
 async def add_dead(redis: aioredis.Redis, keys: Keys, count: int) -> list[str]:
-    """``count`` dead letters moved in as a consumer moves them; returns their ids."""
-    async with redis.pipeline(transaction=True) as pipe:
-        for n in range(count):
-            deadletters.add_move(
-                pipe,
-                keys,
-                entry_id=f"1-{n}",
-                fields={"v": "1", "recording_sid": f"RE{n:032x}", "business_id": "9"},
-                error=f"PermanentError: media request got 40{n}",
-                attempts=n + 1,
-                consumer="worker-a",
-            )
-        await pipe.execute()
+    """``count`` stream entries (ids 1-0, 1-1, ...) moved to the dead letters as a consumer
+    moves them; returns the dead letters' ids."""
+    for n in range(count):
+        fields = {"v": "1", "recording_sid": f"RE{n:032x}", "business_id": "9"}
+        await redis.xadd(keys.stream, fields, id=f"1-{n}")  # type: ignore[arg-type]
+        assert await deadletters.move(
+            redis,
+            keys,
+            entry_id=f"1-{n}",
+            fields=fields,
+            error=f"PermanentError: media request got 40{n}",
+            attempts=n + 1,
+            consumer="worker-a",
+        )
     return [entry_id for entry_id, _ in await entries(redis, keys.dead)]
 
 
@@ -249,7 +251,6 @@ async def test_replay_leaves_each_entry_in_exactly_one_stream(
             "recording_sid": f"RE{n:032x}",
             "business_id": "9",
         }
-    assert await deadletters.replay(redis, keys, [ids[0]]) == {ids[0]: None}
     assert await redis.xlen(keys.stream) == 2
 
 
@@ -265,3 +266,69 @@ async def test_replay_takes_only_exact_dead_letter_ids(redis: aioredis.Redis, ke
     }
     assert [i for i, _ in await entries(redis, keys.dead)] == ["5-1"]
     assert [f["n"] for _, f in await entries(redis, keys.stream)] == ["0"]
+
+
+async def test_a_repeated_move_writes_one_dead_letter(redis: aioredis.Redis, keys: Keys) -> None:
+    """A move run again (its reply lost) adds no second dead letter and still answers True."""
+    entry_id = str(await redis.xadd(keys.stream, {"v": "1", "n": "0"}))
+    await redis.xgroup_create(keys.stream, keys.group, id="0")
+    await redis.xreadgroup(keys.group, "worker-a", {keys.stream: ">"})
+    move = functools.partial(
+        deadletters.move,
+        redis,
+        keys,
+        entry_id=entry_id,
+        fields={"v": "1", "n": "0"},
+        error="PermanentError: boom",
+        attempts=1,
+    )
+    assert await move(consumer="worker-a")
+    assert await move(consumer="worker-a")  # the same call again: it recognises its move
+    [(_, dead)] = await entries(redis, keys.dead)
+    assert (dead["origin_id"], dead["consumer"], dead["n"]) == (entry_id, "worker-a", "0")
+    assert not await move(consumer="worker-b")  # another consumer's move finds it gone
+    assert await redis.xlen(keys.dead) == 1
+    assert await redis.xlen(keys.stream) == 0
+    assert (await redis.xpending(keys.stream, keys.group))["pending"] == 0
+
+
+async def test_a_repeated_replay_returns_the_same_new_id(redis: aioredis.Redis, keys: Keys) -> None:
+    """Replaying a dead letter twice (a reply lost) answers the same new id and adds one entry."""
+    [dead_id] = await add_dead(redis, keys, 1)
+    first = await deadletters.replay(redis, keys, [dead_id])
+    again = await deadletters.replay(redis, keys, [dead_id])
+    assert first[dead_id] is not None
+    assert again == first
+    assert [entry_id for entry_id, _ in await entries(redis, keys.stream)] == [first[dead_id]]
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_replay_all_leaves_letters_that_arrive_meanwhile(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replay_all replays the letters there were at its start, not those its replays create."""
+    await add_dead(redis, keys, 3)
+    replay, failed_again = deadletters.replay, set()
+
+    async def replay_then_fail_again(
+        redis: aioredis.Redis, keys: Keys, ids: list[str]
+    ) -> dict[str, str | None]:
+        """The replay, then each replayed recording failing once more, as a broken cause does."""
+        moved = await replay(redis, keys, ids)
+        for new_id in moved.values():
+            assert new_id is not None
+            [(_, fields)] = [e for e in await entries(redis, keys.stream) if e[0] == new_id]
+            if fields["recording_sid"] in failed_again:
+                continue
+            failed_again.add(fields["recording_sid"])
+            assert await deadletters.move(
+                redis, keys, entry_id=new_id, fields=fields, error="again", attempts=1,
+                consumer="worker-b",
+            )  # fmt: skip
+        return moved
+
+    monkeypatch.setattr(deadletters, "replay", replay_then_fail_again)
+    assert await deadletters.replay_all(redis, keys, batch=2) == 3
+    again = await entries(redis, keys.dead)
+    assert [fields["error"] for _, fields in again] == ["again"] * 3
+    assert [fields["recording_sid"] for _, fields in again] == [f"RE{n:032x}" for n in range(3)]

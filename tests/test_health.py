@@ -1,8 +1,10 @@
-"""Readiness (/readyz) with real dependencies going away, and ``streamrec check``."""
+"""Readiness (/readyz) with real dependencies going away, ``streamrec check``, the consumer
+registry it reads, and what streamrec requires of the Redis server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,10 +14,12 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+import structlog.testing
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streamrec import service
+from streamrec import health, service, status
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
 from streamrec.devservers import LocalRedis, free_port
 from streamrec.keys import Keys
@@ -167,7 +171,10 @@ async def test_check_follows_the_heartbeat(
 
     # The configured beat (heartbeat_s 0.2) lives the minimum 1 s; not renewed, it expires.
     await monitor_of(redis, keys, "c1", interval_s=settings.heartbeat_s).tick()
-    assert 0 < await redis.pttl(keys.heartbeat("c1")) <= 1000
+    seconds, micros = await redis.time()
+    expiry = await redis.zscore(keys.consumers, "c1")
+    assert expiry is not None
+    assert 0 < expiry - (seconds * 1000 + micros // 1000) <= 1000
 
     async def expired() -> bool:
         return (await check()).returncode == 1
@@ -181,11 +188,12 @@ async def test_a_stopped_monitor_removes_its_heartbeat(redis: aioredis.Redis, ke
     stop = asyncio.Event()
     task = asyncio.create_task(monitor.run(stop))
     try:
-        await wait_for(lambda: redis.exists(keys.heartbeat("c1")), what="the first heartbeat")
+        await wait_for(lambda: redis.hexists(keys.heartbeats, "c1"), what="the first heartbeat")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
-    assert await redis.exists(keys.heartbeat("c1")) == 0
+    assert await redis.zscore(keys.consumers, "c1") is None
+    assert not await redis.hexists(keys.heartbeats, "c1")
 
 
 async def test_check_exits_1_when_redis_is_unreachable(settings: Settings, tmp_path: Path) -> None:
@@ -195,3 +203,162 @@ async def test_check_exits_1_when_redis_is_unreachable(settings: Settings, tmp_p
     assert finished.returncode == 1
     assert "redis unreachable" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+SEEN_MARKERS = """
+for i = 1, tonumber(ARGV[2]) do
+  redis.call('SET', ARGV[1] .. i, '1')
+end
+"""
+
+
+async def test_heartbeats_are_read_without_a_scan(
+    own_redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """check, status and the monitor find beats among 50,000 seen: markers, and never SCAN."""
+    redis = own_redis_client
+    await redis.eval(SEEN_MARKERS, 0, keys.seen(""), "50000")
+    for name in ("c1", "c2"):
+        await monitor_of(redis, keys, name, interval_s=20.0).tick()
+    await redis.config_resetstat()
+
+    assert sorted(b["name"] for b in await status.heartbeats(redis, keys)) == ["c1", "c2"]
+    assert await health.check(redis, keys, consumer="c2") == (True, "ok: fresh heartbeat from c2")
+    report = await status.collect(redis, keys)
+    assert [c["heartbeat"]["name"] for c in report["consumers"]] == ["c1", "c2"]
+    await monitor_of(redis, keys, "c1", interval_s=20.0).tick()
+    assert "cmdstat_scan" not in await redis.info("commandstats")
+
+
+async def test_an_expired_beat_is_not_listed_and_the_next_beat_prunes_it(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A beat not renewed in time is not listed; another consumer's next beat removes it."""
+    await monitor_of(redis, keys, "gone", interval_s=0.2).tick()  # lives the minimum 1 s
+    await monitor_of(redis, keys, "live", interval_s=20.0).tick()
+
+    async def listed() -> list[str]:
+        return sorted(str(b["name"]) for b in await status.heartbeats(redis, keys))
+
+    assert await listed() == ["gone", "live"]
+
+    async def only_live() -> bool:
+        return await listed() == ["live"]
+
+    await wait_for(only_live, what="the unrenewed beat to expire")
+    assert await redis.hexists(keys.heartbeats, "gone")  # still there: readers skip it
+    await monitor_of(redis, keys, "live", interval_s=20.0).tick()
+    assert await redis.zscore(keys.consumers, "gone") is None
+    assert not await redis.hexists(keys.heartbeats, "gone")
+    assert await listed() == ["live"]
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [
+        ("5.0.7", True),
+        ("6.0.16", True),
+        ("6.2.14", True),
+        ("7.0.0", False),
+        ("7.0.15", False),
+        ("7.2.4", False),
+        ("8.0.2", False),
+        ("10.1.0", False),
+    ],
+)
+def test_a_redis_before_7_is_refused(version: str, refused: bool) -> None:
+    """A server before 7.0 is refused in one line naming the server and the version found."""
+    server = status.Server(address="redis.internal:6380", version=version, maxmemory_policy=None)
+    if refused:
+        assert server.refusal == (
+            f"Redis at redis.internal:6380 is version {version}; streamrec needs Redis 7.0 or later"
+        )
+        assert server.warnings[0] == server.refusal
+    else:
+        assert server.refusal is None
+        assert not any(version in warning for warning in server.warnings)
+
+
+def logged(stderr: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``event`` in a process's stderr."""
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == event]
+
+
+async def test_an_evicting_redis_is_warned_at_start_and_in_status(
+    own_redis: LocalRedis,
+    own_redis_client: aioredis.Redis,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """maxmemory-policy allkeys-lru: consume warns at start, status and status --json show it."""
+    await own_redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    env = environment(settings, REDIS_URL=own_redis.url)
+    address = f"127.0.0.1:{own_redis.port}"
+
+    consumed = await streamrec("consume", "--until-idle", env=env, cwd=tmp_path)
+    assert consumed.returncode == 0, consumed.stderr
+    [start] = logged(consumed.stderr, "redis_warning")
+    assert start["level"] == "warning"
+    assert "maxmemory-policy" in start["warning"]
+    assert f"{address} is allkeys-lru" in start["warning"]
+
+    as_json = await streamrec("status", "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["warnings"] == [start["warning"]]
+    assert report["redis"]["maxmemory_policy"] == "allkeys-lru"
+    plain = await streamrec("status", env=env, cwd=tmp_path)
+    assert plain.stdout.splitlines()[0] == f"WARNING: {start['warning']}"
+
+
+async def test_a_refused_config_get_is_a_warning_not_a_failure(
+    own_redis: LocalRedis,
+    own_redis_client: aioredis.Redis,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """Without CONFIG (as on managed Redis) start-up and status say the policy went unchecked."""
+    await own_redis_client.acl_setuser(
+        "app",
+        enabled=True,
+        passwords=["+s3cret"],
+        keys=["*"],
+        channels=["*"],
+        categories=["+@all"],
+        commands=["-config"],
+    )
+    url = f"redis://app:s3cret@127.0.0.1:{own_redis.port}/0"
+    client = service.redis_client(url)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await health.require_redis(client)
+    finally:
+        await client.aclose()
+    [warning] = [entry for entry in logs if entry["event"] == "redis_warning"]
+    assert warning["log_level"] == "warning"
+    assert warning["warning"].startswith(
+        f"maxmemory-policy of Redis at 127.0.0.1:{own_redis.port} could not be checked"
+    )
+
+    finished = await streamrec(
+        "status", "--json", env=environment(settings, REDIS_URL=url), cwd=tmp_path
+    )
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads(finished.stdout)
+    assert report["warnings"] == [warning["warning"]]
+    assert report["redis"]["maxmemory_policy"] is None
+    assert "s3cret" not in finished.stdout
+
+
+async def test_an_unreachable_redis_stops_a_consumer_start_but_not_the_webhook() -> None:
+    """require_redis raises on a closed port; with unreachable_ok (serve) it logs and lets pass."""
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(RedisConnectionError):
+            await health.require_redis(client)
+        with structlog.testing.capture_logs() as logs:
+            await health.require_redis(client, unreachable_ok=True)
+    finally:
+        await client.aclose()
+    assert [entry["event"] for entry in logs] == ["redis_not_checked"]

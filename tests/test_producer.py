@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import MultiDict, MultiDictProxy
+from redis.exceptions import ResponseError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec.devservers import LocalRedis
@@ -363,6 +364,63 @@ async def test_redis_down_answers_503_then_enqueues_after_restart(
             await redis.aclose()
     finally:
         server.stop()
+
+
+async def test_a_marker_of_the_wrong_type_answers_503_and_adds_nothing(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A WRONGTYPE from the enqueue call gets 503 + Retry-After and adds nothing to the stream."""
+    params = callback_params()
+    marker = keys.seen(params["RecordingSid"])
+    await redis.rpush(marker, "not a marker")
+    response = await post(client, params)
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert "error" in await response.json()
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.lrange(marker, 0, -1) == ["not a marker"]
+
+
+async def test_out_of_memory_answers_503_and_adds_nothing(tmp_path: Path, keys: Keys) -> None:
+    """An OOM refusal of the enqueue call gets 503 + Retry-After, adds nothing; 200 once freed."""
+    server = LocalRedis(tmp_path / "redis").start()
+    try:
+        redis = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            async with serving(redis, webhook_config(keys)) as client:
+                await redis.config_set("maxmemory", "1")  # every write is over the limit
+                params = callback_params()
+                response = await post(client, params)
+                assert response.status == 503
+                assert int(response.headers["Retry-After"]) > 0
+                assert await namespace_keys(redis, keys) == []
+
+                await redis.config_set("maxmemory", "0")
+                response = await post(client, params)
+                assert (response.status, (await response.json())["status"]) == (200, "queued")
+                assert await redis.xlen(keys.stream) == 1
+        finally:
+            await redis.aclose()
+    finally:
+        server.stop()
+
+
+async def test_an_event_redis_refuses_fails_alone_in_its_call(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Events sharing a call with a refused one are added and answered; the refused adds nothing."""
+    enqueuer = Enqueuer(redis, keys, dedupe_ttl_s=60)
+    before, refused, after = (_event_of(callback_params()) for _ in range(3))
+    await redis.rpush(keys.seen(refused.recording_sid), "not a marker")
+    first, error, last = await asyncio.gather(
+        *(enqueuer.enqueue(e) for e in (before, refused, after)), return_exceptions=True
+    )
+    assert isinstance(error, ResponseError)
+    assert "WRONGTYPE" in str(error)
+    assert not isinstance(first, BaseException)
+    assert not isinstance(last, BaseException)
+    assert (first[0], last[0]) == (True, True)
+    assert [i for i, _ in await redis.xrange(keys.stream) or []] == [first[1], last[1]]
 
 
 @pytest.mark.parametrize(
