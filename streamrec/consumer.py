@@ -10,31 +10,53 @@ Delivery contract
   un-acked one. A process killed at any instant leaves its entries pending;
   nothing is lost.
 * **Idempotent side effects.** A handler may run more than once for one entry
-  (after a crash, or when a claim was lost). The recording pipeline is keyed on
-  RecordingSid: one row per recording, and a redelivered entry resumes at the
-  first stage not yet committed.
+  (after a crash, or when this process gave the entry up). The recording
+  pipeline is keyed on RecordingSid: one row per recording, and a redelivered
+  entry resumes at the first stage not yet committed.
 * **Reclaim.** Every consumer runs XAUTOCLAIM over the group with min-idle
-  ``STREAMREC_CLAIM_IDLE_MS``, so the entries of a dead consumer are finished by
-  a live one that much after its last sign of life. A live consumer renews the
-  claim on every entry it is working on (XCLAIM JUSTID, only while it still
-  owns the entry) every third of that time, so a long job is never handed to a
-  second consumer while the first is alive.
+  ``STREAMREC_CLAIM_IDLE_MS`` at most every third of it, so the entries of a
+  dead consumer are finished by a live one that much after its last sign of
+  life.
+* **One run per entry per process.** Each entry in work is one object
+  (``streamrec.work.Work``: its task, claim, slot lease and deadline), at most
+  one per entry id. An entry that XAUTOCLAIM hands back to the consumer still
+  working on it (its renewals failed for a while) is renewed with its true
+  delivery count, not started a second time.
+* **A live consumer keeps its entries, and only while it surely owns them.**
+  Every third of the shorter of the claim time and the slot lease, the
+  consumer renews the claim on each entry whose handler runs (XCLAIM with the
+  entry's known delivery count, only while it still owns it) and its slot
+  lease, so a long job is not handed to a second consumer. A renewal sent at
+  time t keeps the entry until t plus the claim time (and the lease). The work
+  stops, its task cancelled and, should it still run, the handler's
+  ``Delivery.ensure_owned()`` raising ``Lost`` before its next stage, as soon
+  as a renewal finds the entry owned by another consumer or its slot given to
+  another entry, or that deadline passes with no renewal: Redis unreachable, or
+  this process paused (SIGSTOP, a frozen VM) for longer. The entry is left
+  pending, its slot to lapse or to the entry's next owner, who resumes at the
+  first uncommitted stage. A pause longer than the lease or claim time thus
+  costs at most the stage it interrupted; a shorter one costs nothing.
 * **Retries.** A transient failure is retried in place with exponential
   backoff and jitter; each retry counts as a delivery in the PEL (``XPENDING``
-  shows it). An outage of PostgreSQL is not the entry's fault: it is waited
-  out with the same backoff, the entry held, and not counted.
+  shows it), written as an absolute count so that a command repeated after a
+  lost reply counts once. An outage of our own services (PostgreSQL) is not the
+  entry's fault: it is waited out with the same backoff, the entry held, and
+  not counted.
 * **Redelivery cap and dead letters.** A permanent failure, or a failure at
   delivery ``STREAMREC_MAX_DELIVERIES``, moves the entry to the dead-letter
   stream ``{ns}:dead`` with its original fields plus ``error``, ``attempts``,
   ``origin_id``, ``consumer`` and ``failed_at``, atomically with its XACK and
-  XDEL. An entry reclaimed after more deliveries than the cap (it keeps
-  killing its consumers) is dead-lettered without running again.
+  XDEL, in one script that moves it only while it is still in the stream (a
+  repeat writes no second letter). An entry reclaimed after more deliveries
+  than the cap (it keeps killing its consumers) is dead-lettered without
+  running again.
 * **Per-business slots** (``streamrec.semaphore``, when configured). Before its
   handler runs, an entry takes a slot of its business (a lease renewed while it
   works, freed in the same call as its ack). An entry whose business is at its
   limit is parked off the stream atomically and woken, in order, when a slot
   frees; it holds no concurrency while it waits, and its delivery count
-  travels with it.
+  travels with it. A woken entry is marked so (``woken``) and keeps its place:
+  its reserved slot is held for it until it is read, however long the backlog.
 * **Shutdown.** When ``stop`` is set the consumer stops reading, lets in-flight
   handlers finish within the grace period, cancels the rest and leaves their
   entries pending for reclaim; their slots are released.
@@ -45,39 +67,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from streamrec import deadletters
 from streamrec.aio import first, wait_set
-from streamrec.batch import Batcher
 from streamrec.delivery import DeadHook, Delivery, Handler, delivered
 from streamrec.group import Group, ensure_group
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
-from streamrec.retry import PermanentError, RetryPolicy, Unavailable, describe
+from streamrec.retry import RetryPolicy, describe
+from streamrec.runner import Runner
 from streamrec.semaphore import Held, Slots
+from streamrec.work import Work
 
 log = structlog.get_logger("streamrec.consumer")
 
 __all__ = ["Consumer", "ConsumerConfig", "Delivery", "Handler", "ensure_group"]
 
 
-@dataclass(frozen=True, slots=True)
-class GiveUp:
-    """The entry failed for good: dead-letter it with this reason."""
+class Taken(NamedTuple):
+    """An entry just read or reclaimed, with its delivery count in the PEL."""
 
-    reason: str
-    attempts: int
-
-
-DONE: Literal["done"] = "done"  # handled: ack it
-ABANDON: Literal["abandon"] = "abandon"  # stopping, or no longer ours: leave it pending
-Outcome = GiveUp | Literal["done", "abandon"]
+    delivery: Delivery
+    claimed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,31 +124,39 @@ class Consumer:
         metrics: Metrics | None = None,
         slots: Slots | None = None,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._handler = handler
         self._config = config
-        self._on_dead = on_dead
         self._metrics = metrics or Metrics()
-        # Label children resolved once; in-flight is read when /metrics is scraped.
-        self._completed = self._metrics.entries.labels("completed")
-        self._left_pending = self._metrics.entries.labels("left_pending")
-        self._metrics.in_flight.set_function(lambda: len(self._inflight))
+        # In-flight is read when /metrics is scraped.
+        self._metrics.in_flight.set_function(lambda: len(self._work))
         self._slots = slots
         self._group = Group(redis, keys, config.name)
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._held: dict[str, Held] = {}
-        self._acks: Batcher[str, None] = Batcher(self._flush)
+        self._work: dict[str, Work] = {}
+        """The entries in work, one per entry id: never two tasks for one entry."""
         # Refill in batches: read once a tenth of the concurrency is free, not per entry.
         self._low_water = max(1, min(config.concurrency // 10, 64))
         self._slot_freed = asyncio.Event()
-        self._working = 0
+        self._running = 0
         """Entries whose handler runs now: what the concurrency limit counts. An entry
         whose ack is on its way no longer counts, so reads overlap acks."""
+        self._claim_s = config.claim_idle_ms / 1000
+        # A blocking read's entries are delivered at some moment while it waits; their
+        # claim is dated from the moment it was sent, so the wait must stay short of it.
+        self._block_ms = max(1, min(config.block_ms, config.claim_idle_ms // 4))
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
-        self.processed = 0
-        self.dead_lettered = 0
+        self._runner = Runner(
+            redis=redis,
+            keys=keys,
+            group=self._group,
+            handler=handler,
+            policy=config.retry,
+            claim_s=self._claim_s,
+            free=self._done_running,
+            on_dead=on_dead,
+            metrics=self._metrics,
+            slots=slots,
+            log_fields=config.log_fields,
+        )
         self.reclaim_passes = 0
         """Completed XAUTOCLAIM scans of the whole group's pending list."""
 
@@ -142,9 +166,19 @@ class Consumer:
         return self._config.name
 
     @property
+    def processed(self) -> int:
+        """Entries this consumer completed and acked."""
+        return self._runner.processed
+
+    @property
+    def dead_lettered(self) -> int:
+        """Entries this consumer moved to the dead letters."""
+        return self._runner.dead_lettered
+
+    @property
     def in_flight(self) -> int:
         """Entries this consumer is working on now."""
-        return len(self._inflight)
+        return len(self._work)
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until nothing is left).
@@ -152,6 +186,7 @@ class Consumer:
         Redis being unreachable is logged and retried; it does not end the loop.
         """
         self._stop = stop
+        self._runner.stopping(stop)
         await self._group.ensure()
         log.info("consumer_started", consumer=self.name, concurrency=self._config.concurrency)
         renewer = asyncio.create_task(self._renew_forever())
@@ -176,7 +211,7 @@ class Consumer:
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
 
     async def _idle(self) -> bool:
-        if self._inflight:
+        if self._work:
             return False
         return self._slots is None or await self._slots.parked_total() == 0
 
@@ -196,186 +231,98 @@ class Consumer:
 
         Returns how many entries were taken, started or parked.
         """
-        while self._config.concurrency - self._working < self._low_water:
+        while self._config.concurrency - self._running < self._low_water:
             self._slot_freed.clear()
             await first(self._slot_freed.wait(), self._stop.wait())
             if self._stop.is_set():
                 return 0
-        free = self._config.concurrency - self._working
-        batch = await self._reclaim(free) or await self._read(free)
-        for delivery in await self._admit(batch):
-            self._start(delivery)
+        free = self._config.concurrency - self._running
+        claimed_at = time.monotonic()
+        batch = await self._reclaim(free)
+        if not batch:
+            claimed_at = time.monotonic()
+            batch = await self._read(free)
+        slot_at = time.monotonic()
+        for taken, held in await self._admit(batch):
+            self._start(taken, held, claimed_at, slot_at)
         return len(batch)
 
-    async def _read(self, count: int) -> list[Delivery]:
+    async def _read(self, count: int) -> list[Taken]:
         # While entries flow a plain read answers at once; only an empty stream
         # is waited on, and that wait gives way to a stop.
         entries = await self._group.read(count, None)
         if not entries:
-            entries = await first(self._group.read(count, self._config.block_ms), self._stop.wait())
+            entries = await first(self._group.read(count, self._block_ms), self._stop.wait())
         # None: stopped while blocked. Should the read have been served anyway,
         # its entries sit in our PEL and are reclaimed like a crash's.
-        return [delivered(i, fields, 1) for i, fields in entries or []]
+        return [Taken(delivered(i, fields, 1), 1) for i, fields in entries or []]
 
-    async def _reclaim(self, count: int) -> list[Delivery]:
-        """Take over entries idle longer than the claim time, at most every third of it."""
+    async def _reclaim(self, count: int) -> list[Taken]:
+        """Take over entries idle longer than the claim time, at most every third of it.
+
+        An entry this process is still working on (its renewals failed for a
+        while) is not started again: its claim is renewed with its true count.
+        """
         now = time.monotonic()
         if now < self._next_reclaim:
             return []
         taken = await self._group.reclaim(self._config.claim_idle_ms, count)
         if taken.scan_done:
-            self._next_reclaim = now + self._config.claim_idle_ms / 3000
+            self._next_reclaim = now + self._claim_s / 3
             self.reclaim_passes += 1
         if taken.deleted:
             log.warning("reclaimed_entries_gone", entry_ids=taken.deleted)
-        if not taken.entries:
+        ours = [self._work[i] for i, _ in taken.entries if i in self._work]
+        if ours:
+            log.warning("own_entries_reclaimed", entry_ids=[w.entry_id for w in ours])
+            await self._renew_claims(ours)
+        fresh = [(i, f) for i, f in taken.entries if i not in self._work]
+        if not fresh:
             return []
-        self._metrics.reclaimed.inc(len(taken.entries))
-        log.info("entries_reclaimed", count=len(taken.entries), consumer=self.name)
-        return [delivered(i, f, taken.counts.get(i, 1)) for i, f in taken.entries]
+        self._metrics.reclaimed.inc(len(fresh))
+        log.info("entries_reclaimed", count=len(fresh), consumer=self.name)
+        counts = taken.counts
+        return [
+            Taken(delivered(i, f, counts.get(i, 1), reclaimed=True), counts.get(i, 1))
+            for i, f in fresh
+        ]
 
-    async def _admit(self, batch: list[Delivery]) -> list[Delivery]:
-        """The entries that may run now; the others were parked (or are gone)."""
+    async def _admit(self, batch: list[Taken]) -> list[tuple[Taken, Held | None]]:
+        """The entries that may run now, with their slots; the others were parked (or are gone)."""
         if self._slots is None or not batch:
-            return batch
-        admission = await self._slots.admit([(d.entry_id, d.fields, d.deliveries) for d in batch])
-        self._held.update((h.entry_id, h) for h in admission.held)
+            return [(taken, None) for taken in batch]
+        admission = await self._slots.admit([taken.delivery for taken in batch])
         self._metrics.parked.inc(admission.parked)
-        return [d for d in batch if d.entry_id not in admission.refused]
+        held = {h.entry_id: h for h in admission.held}
+        return [
+            (taken, held.get(taken.delivery.entry_id))
+            for taken in batch
+            if taken.delivery.entry_id not in admission.refused
+        ]
 
-    def _start(self, delivery: Delivery) -> None:
-        task = asyncio.create_task(self._process(delivery))
-        self._inflight[delivery.entry_id] = task
-        self._working += 1
-        task.add_done_callback(lambda _: self._finished(delivery.entry_id))
-
-    def _finished(self, entry_id: str) -> None:
-        self._inflight.pop(entry_id, None)
-
-    def _done_working(self) -> None:
-        self._working -= 1
-        self._slot_freed.set()
-
-    async def _process(self, delivery: Delivery) -> None:
-        """Run the handler with retries, then ack or dead-letter the entry."""
-        fields = delivery.fields
-        context = {f: fields[f] for f in self._config.log_fields if f in fields}
-        # This task runs in its own copy of the context: what is bound here is
-        # seen by every log line about the entry and gone with the task.
-        structlog.contextvars.bind_contextvars(entry_id=delivery.entry_id, **context)
-        working = True
-        try:
-            if delivery.deliveries > self._config.retry.max_deliveries:
-                reason = f"delivered {delivery.deliveries - 1} times without finishing"
-                outcome: Outcome = GiveUp(reason, delivery.deliveries - 1)
-            else:
-                outcome = await self._attempts(delivery)
-            working = False
-            self._done_working()
-            if outcome == DONE:
-                await self._ack(delivery.entry_id)
-            elif isinstance(outcome, GiveUp):
-                await self._dead_letter(delivery, outcome.reason, outcome.attempts)
-            else:
-                self._left_pending.inc()
-        except Exception as exc:
-            # Redis or the dead-letter hook failed: the entry stays pending
-            # and is reclaimed once idle.
-            self._left_pending.inc()
-            log.error("entry_left_pending", error=describe(exc))
-        finally:
-            if working:
-                self._done_working()
-            await self._release(delivery.entry_id)
-
-    async def _attempts(self, delivery: Delivery) -> Outcome:
-        """Run the handler, retrying transient failures, until it is done or gives up."""
-        policy = self._config.retry
-        outage = 0
-        while True:
-            try:
-                await self._handler(delivery)
-            except PermanentError as exc:
-                return GiveUp(describe(exc), delivery.deliveries)
-            except Unavailable as exc:
-                # Our own service is down: wait it out, holding the entry, uncounted.
-                outage += 1
-                delay = policy.delay(outage, exc)
-                log.warning("dependency_unavailable", error=describe(exc), retry_in_s=delay)
-                self._metrics.retries.inc()
-                if await wait_set(self._stop, delay):
-                    return ABANDON
-            except Exception as exc:
-                reason = describe(exc)
-                if policy.exhausted(delivery.deliveries):
-                    return GiveUp(reason, delivery.deliveries)
-                delay = policy.delay(delivery.deliveries, exc)
-                log.warning(
-                    "attempt_failed", error=reason, attempt=delivery.deliveries, retry_in_s=delay
-                )
-                self._metrics.retries.inc()
-                if await wait_set(self._stop, delay):
-                    return ABANDON
-                [count] = await self._group.renew([delivery.entry_id], bump=True)
-                if count < 0:
-                    log.warning("claim_lost", attempt=delivery.deliveries)
-                    return ABANDON
-                delivery = replace(delivery, deliveries=delivery.deliveries + 1)
-            else:
-                return DONE
-
-    async def _ack(self, entry_id: str) -> None:
-        """Ack and delete the entry, freeing its slot; returns once Redis has done it.
-
-        Acks are flushed in batches: one round trip for every entry that finished
-        while the previous flush was under way.
-        """
-        await self._acks.submit(entry_id)
-        self.processed += 1
-        self._completed.inc()
-
-    async def _flush(self, ids: list[str]) -> list[None]:
-        """XACK + XDEL ``ids``; those holding slots free them (and wake parked) in the same call."""
-        held = [self._held[i] for i in ids if i in self._held]
-        plain = [i for i in ids if i not in self._held]
-        if held and self._slots is not None:
-            await self._slots.release(held, ack=True)
-            for h in held:
-                self._held.pop(h.entry_id, None)
-        if plain:
-            await self._group.ack(plain)
-        return [None] * len(ids)
-
-    async def _release(self, entry_id: str) -> None:
-        """Free the slot of an entry that was not acked (dead-lettered or left pending)."""
-        held = self._held.pop(entry_id, None)
+    def _start(self, taken: Taken, held: Held | None, claimed_at: float, slot_at: float) -> None:
+        entry_id = taken.delivery.entry_id
+        assert entry_id not in self._work, f"entry {entry_id} is already in work"  # noqa: S101
+        work = Work(taken.delivery, taken.claimed, claimed_at + self._claim_s, held)
         if held is not None and self._slots is not None:
-            try:
-                await self._slots.release([held], ack=False)
-            except RedisError as exc:  # the lease expires on its own
-                log.warning("slot_release_failed", error=describe(exc))
+            work.slot_until = slot_at + self._slots.lease_ms / 1000
+        self._work[entry_id] = work
+        self._running += 1
+        work.arm()
+        work.task = asyncio.create_task(self._runner.process(work))
+        work.task.add_done_callback(lambda _: self._finished(work))
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
-        """Record the failure with the handler's hook, then move the entry atomically."""
-        if self._on_dead is not None:
-            await self._on_dead(replace(delivery, deliveries=attempts), reason)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            deadletters.add_move(
-                pipe,
-                self._keys,
-                entry_id=delivery.entry_id,
-                fields=delivery.fields,
-                error=reason,
-                attempts=attempts,
-                consumer=self.name,
-            )
-            await pipe.execute()
-        self.dead_lettered += 1
-        self._metrics.entries.labels("dead_lettered").inc()
-        log.error("entry_dead_lettered", error=reason, attempts=attempts)
+    def _finished(self, work: Work) -> None:
+        if self._work.get(work.entry_id) is work:
+            del self._work[work.entry_id]
+
+    def _done_running(self, work: Work) -> None:
+        if work.finish_running():
+            self._running -= 1
+            self._slot_freed.set()
 
     async def _renew_forever(self) -> None:
-        """Keep claims and slot leases of in-flight entries alive; sweep parked entries."""
+        """Keep claims and slot leases of running entries alive; sweep parked entries."""
         period_ms = self._config.claim_idle_ms
         if self._slots is not None:
             period_ms = min(period_ms, self._slots.lease_ms)
@@ -387,27 +334,50 @@ class Consumer:
                 log.warning("renewal_failed", error=describe(exc))
 
     async def renew(self) -> None:
-        """One renewal: claims, then slot leases, then a sweep of parked entries."""
-        ids = list(self._inflight)
-        if ids:
-            counts = await self._group.renew(ids)
-            lost = [i for i, count in zip(ids, counts, strict=True) if count == -1]
-            if lost:
-                log.warning("claims_lost", entry_ids=lost)
-        if self._slots is not None:
-            held = [self._held[i] for i in ids if i in self._held]
-            lost_slots = await self._slots.renew(held)
-            if lost_slots:
-                log.warning("slot_leases_lost", entry_ids=lost_slots)
-            woken = await self._slots.sweep()
-            if woken:
-                log.info("parked_entries_woken", count=woken)
+        """One renewal: claims, then slot leases, then a sweep of parked entries.
+
+        An entry whose claim or lease turns out lost is stopped at once.
+        """
+        await self._renew_claims([w for w in self._work.values() if w.running])
+        if self._slots is None:
+            return
+        await self._renew_slots([w for w in self._work.values() if w.running and w.held])
+        woken = await self._slots.sweep()
+        if woken:
+            log.info("parked_entries_woken", count=woken)
+
+    async def _renew_claims(self, works: list[Work]) -> None:
+        if not works:
+            return
+        sent = time.monotonic()
+        counts = await self._group.renew([(w.entry_id, w.claimed) for w in works])
+        lost = []
+        for work, count in zip(works, counts, strict=True):
+            if count >= 0:
+                work.renewed(claim_until=sent + self._claim_s)
+            elif count == -1:
+                lost.append(work.entry_id)
+                work.stop("claim lost: another consumer owns the entry")
+        if lost:
+            log.warning("claims_lost", entry_ids=lost)
+
+    async def _renew_slots(self, works: list[Work]) -> None:
+        assert self._slots is not None  # noqa: S101 - called only with slots on
+        sent = time.monotonic()
+        lost = set(await self._slots.renew([w.held for w in works if w.held is not None]))
+        for work in works:
+            if work.entry_id in lost:
+                work.stop("slot lease lost: the slot went to another entry")
+            else:
+                work.renewed(slot_until=sent + self._slots.lease_ms / 1000)
+        if lost:
+            log.warning("slot_leases_lost", entry_ids=sorted(lost))
 
     async def _drain(self) -> None:
         """Let in-flight work finish within the grace period; cancel what is left."""
-        if not self._inflight:
+        tasks = [w.task for w in self._work.values() if w.task is not None]
+        if not tasks:
             return
-        tasks = list(self._inflight.values())
         log.info("draining", in_flight=len(tasks), grace_s=self._config.shutdown_grace_s)
         _, left = await asyncio.wait(tasks, timeout=self._config.shutdown_grace_s)
         for task in left:

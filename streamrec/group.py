@@ -14,37 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamrec import lua
 from streamrec.keys import Keys
-
-# Per id: its delivery count after the call; -1 when another consumer owns it
-# now, -2 when it is not pending at all (acked meanwhile). With ARGV[3] == "1"
-# the count is raised by one (a retry is a delivery).
-CLAIM_OWN = """
-local out = {}
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if not p then
-    out[#out + 1] = -2
-  elseif p[2] == ARGV[2] then
-    local count = p[4]
-    if ARGV[3] == '1' then count = count + 1 end
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', count, 'JUSTID')
-    out[#out + 1] = count
-  else
-    out[#out + 1] = -1
-  end
-end
-return out
-"""
-
-# Deletes the consumer from the group only if it has no pending entries, so a
-# graceful exit leaves no trace in XINFO CONSUMERS and can never drop work.
-LEAVE = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return -1
-"""
 
 Entry = tuple[str, dict[str, str]]
 
@@ -75,8 +46,8 @@ class Group:
         self._redis = redis
         self._keys = keys
         self.name = name
-        self._claim_own = redis.register_script(CLAIM_OWN)
-        self._leave = redis.register_script(LEAVE)
+        self._claim_own = lua.register(redis, "group_claim_own")
+        self._leave = lua.register(redis, "group_leave")
         self._cursor = "0-0"
 
     async def ensure(self) -> None:
@@ -117,15 +88,17 @@ class Group:
         )
         return {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
-    async def renew(self, ids: Sequence[str], *, bump: bool = False) -> list[int]:
-        """Reset the idle time of entries still ours (``bump``: count one more delivery).
+    async def renew(self, counts: Sequence[tuple[str, int]]) -> list[int]:
+        """Reset the idle time of entries still ours, setting each one's delivery count.
 
-        Returns each id's delivery count; -1 where another consumer owns it now, -2
-        where it is no longer pending (its ack went through meanwhile).
+        ``counts`` pairs an entry id with the count it must have afterwards (one
+        more than before for a retry). Returns each id's count; -1 where another
+        consumer owns it now, -2 where it is no longer pending (acked meanwhile).
+        Safe to repeat: the count is set, not incremented.
         """
-        if not ids:
+        if not counts:
             return []
-        args = [self._keys.group, self.name, "1" if bump else "0", *ids]
+        args = [self._keys.group, self.name, *_pairs(counts)]
         return [int(c) for c in await self._claim_own(keys=[self._keys.stream], args=args)]
 
     async def ack(self, ids: Sequence[str]) -> None:
@@ -138,6 +111,11 @@ class Group:
     async def leave(self) -> None:
         """Remove this consumer from the group if it has nothing pending."""
         await self._leave(keys=[self._keys.stream], args=[self._keys.group, self.name])
+
+
+def _pairs(counts: Sequence[tuple[str, int]]) -> list[str]:
+    """The claim script's ARGV tail: id, count, id, count, ..."""
+    return [str(value) for pair in counts for value in pair]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

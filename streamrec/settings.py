@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, validation_alias="STREAMREC_MAX_BODY_BYTES", ge=1024)
     dedupe_ttl_s: int = Field(7 * 24 * 3600, validation_alias="STREAMREC_DEDUPE_TTL_S", ge=60)
     business_slots: int = Field(3, validation_alias="STREAMREC_BUSINESS_SLOTS", ge=0)
-    slot_lease_ms: int = Field(30_000, validation_alias="STREAMREC_SLOT_LEASE_MS", ge=100)
+    slot_lease_ms: int | None = Field(None, validation_alias="STREAMREC_SLOT_LEASE_MS", ge=100)
     metrics_port: int = Field(9100, validation_alias="STREAMREC_METRICS_PORT", ge=0, le=65535)
     heartbeat_s: float = Field(5.0, validation_alias="STREAMREC_HEARTBEAT_S", gt=0)
     progress_s: float = Field(30.0, validation_alias="STREAMREC_PROGRESS_S", ge=0)
@@ -141,6 +141,23 @@ class Settings(BaseSettings):
             raise ValueError("must be AC followed by 32 hex digits")
         return value
 
+    @model_validator(mode="after")
+    def _lease_within_claim(self) -> Settings:
+        # A holder that stops renewing frees its slot within the lease; its entry can
+        # be reclaimed only after the claim time. A lease longer than the claim time
+        # would keep a business waiting on a dead holder for longer than needed.
+        if self.slot_lease_ms is not None and self.slot_lease_ms > self.claim_idle_ms:
+            raise ValueError(
+                f"STREAMREC_SLOT_LEASE_MS ({self.slot_lease_ms}) must not exceed"
+                f" STREAMREC_CLAIM_IDLE_MS ({self.claim_idle_ms})"
+            )
+        return self
+
+    @property
+    def lease_ms(self) -> int:
+        """The slot lease: the setting, or half the claim time."""
+        return self.slot_lease_ms or max(self.claim_idle_ms // 2, 100)
+
     @property
     def transcription_enabled(self) -> bool:
         """True when an OpenAI key is configured; without one the pipeline is download-only."""
@@ -180,7 +197,10 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a rule across settings: its message names them
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             name = _variable_name(field) if field in Settings.model_fields else field
             problems.append(f"{name}: {error['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

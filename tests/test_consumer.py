@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from streamrec.consumer import Consumer, ConsumerConfig, Delivery, Handler, ensu
 from streamrec.devservers import LocalRedis
 from streamrec.keys import Keys
 from streamrec.retry import PermanentError, RetryPolicy, TransientError
+from streamrec.semaphore import Slots
 from streamrec.service import redis_client
 from tests.conftest import entries, wait_for
 
@@ -47,7 +49,7 @@ async def add(redis: aioredis.Redis, keys: Keys, count: int) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def running(consumer: Consumer) -> AsyncIterator[asyncio.Event]:
+async def running_consumer(consumer: Consumer) -> AsyncIterator[asyncio.Event]:
     """Run the consumer in the background; stop it and wait for it on exit."""
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
@@ -170,7 +172,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(redis: aioredis.Redis, k
         seen.append(delivery.deliveries)
 
     consumer = make(redis, keys, handler, claim_idle_ms=200)
-    async with running(consumer):
+    async with running_consumer(consumer):
         await wait_for(lambda: len(seen) == 5, what="reclaimed entries to run")
         await wait_for(lambda: consumer.processed == 5, what="acks")
     assert seen == [2] * 5
@@ -192,7 +194,7 @@ async def test_entry_past_the_cap_is_dead_lettered_without_running(
         calls += 1
 
     consumer = make(redis, keys, handler, claim_idle_ms=100, max_deliveries=3)
-    async with running(consumer):
+    async with running_consumer(consumer):
         await wait_for(lambda: consumer.dead_lettered == 1, what="dead letter")
     assert calls == 0
     [(_, fields)] = await entries(redis, keys.dead)
@@ -214,9 +216,9 @@ async def test_live_consumer_keeps_its_long_job(redis: aioredis.Redis, keys: Key
     await add(redis, keys, 1)
     a = make(redis, keys, slow, name="a", claim_idle_ms=300)
     b = make(redis, keys, other, name="b", claim_idle_ms=300)
-    async with running(a):
+    async with running_consumer(a):
         await wait_for(lambda: started == ["a"], what="a to start the job")
-        async with running(b):
+        async with running_consumer(b):
             # Eight full reclaim scans by b span well over twice the claim idle time.
             await wait_for(lambda: b.reclaim_passes >= 8, what="b's reclaim scans")
             [entry] = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
@@ -272,7 +274,7 @@ async def test_work_past_the_grace_period_is_left_for_reclaim(
     await asyncio.wait_for(task, 10)
     assert await pending(redis, keys) == 1
     second = make(redis, keys, quick, name="c2", claim_idle_ms=100)
-    async with running(second):
+    async with running_consumer(second):
         await wait_for(lambda: second.processed == 1, what="reclaim by c2")
     assert done == [entry_id]
 
@@ -291,7 +293,7 @@ async def test_consumer_rides_out_a_redis_restart(tmp_path: Path, appendonly: bo
     try:
         await add(client, keys, 3)
         consumer = make(client, keys, handler)
-        async with running(consumer):
+        async with running_consumer(consumer):
             await wait_for(lambda: consumer.processed == 3, what="first batch")
             server.stop()
             server.start()
@@ -316,3 +318,108 @@ async def test_until_idle_returns_on_an_empty_stream(
     consumer = make(redis, keys, handler)
     await asyncio.wait_for(consumer.run(asyncio.Event(), until_idle=True), 10)
     assert consumer.processed == count
+
+
+# Partial failures: ownership lost while a handler runs ---------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def without_scripts(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client whose Lua calls Redis refuses (ACL), so every claim renewal fails.
+
+    Reads, XAUTOCLAIM and acks still work: the consumer's main loop runs on while
+    its renewals fail, as in a Redis stall that the main loop outlives.
+    """
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    user = f"noscripts-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], channels=["*"],
+        commands=["+@all", "-evalsha", "-eval", "-script"],
+    )  # fmt: skip
+    client = aioredis.Redis.from_url(redis_url, username=user, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await admin.acl_deluser(user)
+        await admin.aclose()
+
+
+async def test_an_entry_runs_once_at_a_time_while_renewals_fail(
+    redis_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Renewals failing past the claim time never start a second run of an entry in work."""
+    running: Counter[str] = Counter()
+    peak = 0
+    runs = 0
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal peak, runs
+        runs += 1
+        running[delivery.entry_id] += 1
+        peak = max(peak, running[delivery.entry_id])
+        try:
+            await asyncio.Event().wait()  # a transcription that outlasts the claim
+        finally:
+            running[delivery.entry_id] -= 1
+
+    await add(redis, keys, 1)
+    async with without_scripts(redis_url) as client:
+        consumer = make(client, keys, handler, claim_idle_ms=200, grace_s=0.05)
+        async with running_consumer(consumer):
+            # Eight reclaim scans span well over the claim time, twice over.
+            await wait_for(lambda: consumer.reclaim_passes >= 8 and runs >= 2, what="reclaims")
+    assert peak == 1
+
+
+async def test_a_claim_lost_mid_job_stops_it_before_its_next_stage(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Once another consumer owns the entry, the handler is stopped and does no more stages."""
+    downloaded = asyncio.Event()
+    stages: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        stages.append("download")
+        downloaded.set()
+        await asyncio.Event().wait()  # the download, still under way
+        stages.append("transcribe")
+
+    [entry_id] = await add(redis, keys, 1)
+    consumer = make(redis, keys, handler, claim_idle_ms=300)
+    async with running_consumer(consumer):
+        await asyncio.wait_for(downloaded.wait(), 10)
+        # Another consumer took the entry over (as after a stall longer than the claim time).
+        await redis.xclaim(keys.stream, keys.group, "other", 0, [entry_id], justid=True)
+        await wait_for(lambda: consumer.in_flight == 0, what="the job to stop")
+    assert stages == ["download"]
+    [entry] = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
+    assert entry["consumer"] == "other"
+
+
+async def test_a_slot_lease_lost_mid_job_stops_it_before_its_next_stage(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Once the entry's slot went to another entry, the handler is stopped: the limit holds."""
+    downloaded = asyncio.Event()
+    stages: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        stages.append("download")
+        downloaded.set()
+        await asyncio.Event().wait()  # the download, still under way
+        stages.append("transcribe")
+
+    await redis.xadd(keys.stream, {"business_id": "a"})
+    config = ConsumerConfig(name="c1", claim_idle_ms=1_000, block_ms=50)
+    slots = Slots(redis, keys, default_limit=1, lease_ms=300)
+    consumer = Consumer(redis=redis, keys=keys, handler=handler, config=config, slots=slots)
+    async with running_consumer(consumer):
+        await asyncio.wait_for(downloaded.wait(), 10)
+        # The lease lapsed (a stall) and another entry took the business's only slot.
+        seconds, _ = await redis.time()
+        await redis.delete(keys.slots("a"))
+        await redis.zadd(keys.slots("a"), {"other": (int(seconds) + 60) * 1000})
+        await wait_for(lambda: consumer.in_flight == 0, what="the job to stop")
+    assert stages == ["download"]
+    assert await redis.zrange(keys.slots("a"), 0, -1) == ["other"]

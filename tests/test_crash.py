@@ -125,3 +125,35 @@ async def _count(rows: Any, expected: int) -> bool:
 async def _empty(redis: aioredis.Redis, keys: Keys) -> bool:
     pending = (await redis.xpending(keys.stream, keys.group))["pending"]
     return pending == 0 and await redis.xlen(keys.stream) == 0
+
+
+async def test_a_consumer_paused_past_its_claim_stops_before_its_next_stage(
+    settings: Settings,
+    media: MediaStandIn,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """SIGSTOP a consumer mid-download past its claim: once resumed it transcribes nothing."""
+    # Given a consumer frozen while its download is under way
+    [sid] = await enqueue(redis, keys, 1, media=media)
+    media.gate = asyncio.Event()
+    sleeper = spawn_consumer(settings, "sleeper", tmp_path)
+    children.append(sleeper)
+    await wait_for(lambda: media.in_flight[sid] == 1, what="the sleeper downloading")
+    sleeper.send_signal(signal.SIGSTOP)
+    media.gate.set()  # its download finishes into a process that does not run
+    # When another consumer takes the entry over and completes it
+    children.append(spawn_consumer(settings, "rescuer", tmp_path))
+    await wait_for(lambda: _count(completed(db), 1), timeout=30, what="the rescuer's row")
+    # Then the sleeper, resumed, stops before its next stage
+    sleeper.send_signal(signal.SIGCONT)
+    log = tmp_path / "sleeper.log"
+    await wait_for(lambda: '"work_stopped"' in log.read_text(), what="the sleeper to stop")
+    sleeper.send_signal(signal.SIGTERM)
+    assert await exited(sleeper) == 0
+    assert openai_api.calls[sid] == 1
+    assert await db.fetchval("SELECT count(*) FROM recordings") == 1

@@ -204,3 +204,14 @@ def test_secrets_never_appear_in_repr(env: pytest.MonkeyPatch) -> None:
         assert AUTH_TOKEN not in text
         assert "sk-very-secret-key" not in text
     assert settings.transcription_enabled
+
+
+def test_a_slot_lease_longer_than_the_claim_time_is_refused(env: pytest.MonkeyPatch) -> None:
+    """The slot lease may not exceed the claim time; unset, it is half of it."""
+    env.setenv("STREAMREC_CLAIM_IDLE_MS", "5000")
+    assert load_settings().lease_ms == 2500
+    env.setenv("STREAMREC_SLOT_LEASE_MS", "6000")
+    with pytest.raises(ConfigError, match=r"STREAMREC_SLOT_LEASE_MS \(6000\).*STREAMREC_CLAIM"):
+        load_settings()
+    env.setenv("STREAMREC_SLOT_LEASE_MS", "5000")
+    assert load_settings().lease_ms == 5000
