@@ -5,8 +5,9 @@
 2,000 signed callbacks (a quarter sent twice) through 3 consumer processes while
 a random consumer is SIGKILLed every 3 s and replaced, Redis (AOF on) is
 SIGKILLed once and restarted, and PostgreSQL is stopped for 10 s. Exits 1 if a
-recording was lost or duplicated, anything was left pending or parked, or a
-business ever had more recordings in work than its slot limit.
+recording was lost or enqueued twice, downloaded or transcribed more often than
+the consumer kills that caught it in work explain, anything was left pending or
+parked, or a business ever had more recordings in work than its slot limit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from streamrec import logging as logs
-from tests.chaos import ChaosConfig, as_json, run
+from tests.chaos import ChaosConfig, run
+from tests.chaos_report import as_json
 
 
 def main() -> int:

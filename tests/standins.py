@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
-from collections import Counter
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -92,6 +95,19 @@ def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
     return str(RequestValidator(token).compute_signature(url, params))
 
 
+Span = tuple[float, float]
+"""When a stand-in began and finished answering one request (``time.monotonic``)."""
+
+
+@contextlib.contextmanager
+def _span(spans: list[Span]) -> Iterator[None]:
+    begun = time.monotonic()
+    try:
+        yield
+    finally:
+        spans.append((begun, time.monotonic()))
+
+
 class _Server:
     """An aiohttp app on a free loopback port."""
 
@@ -135,6 +151,8 @@ class MediaStandIn(_Server):
         """Most downloads of one business in progress at once."""
         self.started: list[str] = []
         """RecordingSids in the order their downloads began."""
+        self.spans: defaultdict[str, list[Span]] = defaultdict(list)
+        """Per RecordingSid, each request answered (early 404s included)."""
         self._expected = (
             "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
         )
@@ -147,6 +165,10 @@ class MediaStandIn(_Server):
         if request.match_info["account"] != ACCOUNT_SID or ext != "mp3":
             return web.json_response({"code": 20404, "message": "not found"}, status=404)
         self.requests[sid] += 1
+        with _span(self.spans[sid]):
+            return await self._answer(sid)
+
+    async def _answer(self, sid: str) -> web.StreamResponse:
         if sid in self.status_for:
             return web.json_response({"message": "injected"}, status=self.status_for[sid])
         if self.requests[sid] <= self.not_ready:
@@ -184,6 +206,10 @@ class OpenAIStandIn(_Server):
         self.delay_s = 0.0
         """Simulated transcription time."""
         self.waiting: Counter[str] = Counter()
+        self.text_for: dict[str, str] = {}
+        """Transcripts to answer instead of ``transcript of {sid}`` (JSON-escaped as OpenAI's)."""
+        self.spans: defaultdict[str, list[Span]] = defaultdict(list)
+        """Per RecordingSid, each transcription call answered."""
 
     async def _transcribe(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {OPENAI_KEY}":
@@ -195,6 +221,10 @@ class OpenAIStandIn(_Server):
         sid = upload.filename.partition(".")[0]
         self.calls[sid] += 1
         self.models.append(str(form["model"]))
+        with _span(self.spans[sid]):
+            return await self._answer(sid)
+
+    async def _answer(self, sid: str) -> web.Response:
         if sid in self.error_for:
             status, error = self.error_for[sid]
             return web.json_response({"error": error}, status=status)
@@ -203,7 +233,7 @@ class OpenAIStandIn(_Server):
             await self.gate.wait()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)  # transcription takes time, not a wait for state
-        return web.json_response({"text": f"transcript of {sid}"})
+        return web.json_response({"text": self.text_for.get(sid, f"transcript of {sid}")})
 
 
 def _openai_error(status: int, message: str, code: str | None) -> web.Response:

@@ -1,0 +1,147 @@
+"""What a chaos run found, and the accounting behind its figures.
+
+The stand-ins see every request a recording's work makes; the run notes which
+recordings each consumer kill caught in work. From these: how many recordings
+ran a stage more often than the kills explain, and how many recordings of one
+business were in work at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from tests.standins import MediaStandIn, OpenAIStandIn, Span
+
+
+@dataclass
+class ChaosReport:
+    """What the run found; ``ok`` says whether every promise held."""
+
+    sent: int = 0
+    unique: int = 0
+    queued_not_once: int = 0
+    """Recordings whose callbacks were not answered "queued" exactly once."""
+    completed: int = 0
+    lost: int = 0
+    dead_letters: int = 0
+    extra_downloads: int = 0
+    extra_transcriptions: int = 0
+    interrupted: int = 0
+    """Recordings a consumer kill caught in work (pending on the killed consumer)."""
+    extra_downloads_unexplained: int = 0
+    """Recordings downloaded more than once plus once per kill that interrupted them."""
+    extra_transcriptions_unexplained: int = 0
+    """Recordings transcribed more than once plus once per kill that interrupted them."""
+    consumer_kills: int = 0
+    consumer_exits: int = 0
+    """Consumers that exited on their own (a dependency down as they started) and were replaced."""
+    redis_kills: int = 0
+    postgres_stops: int = 0
+    longest_reclaim_s: float = 0.0
+    pending: int = 0
+    parked: int = 0
+    slot_peak: int = 0
+    """Most recordings of one business in work at once (first media request to last answer)."""
+    slot_limit: int = 0
+    seconds: float = 0.0
+    webhook_retries: int = 0
+    reclaim_times: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.lost == 0
+            and self.queued_not_once == 0
+            and self.extra_downloads_unexplained == 0
+            and self.extra_transcriptions_unexplained == 0
+            and self.pending == 0
+            and self.parked == 0
+            and self.slot_peak <= self.slot_limit
+        )
+
+    def render(self) -> str:
+        rows = {k: v for k, v in asdict(self).items() if k != "reclaim_times"}
+        width = max(len(k) for k in rows)
+        lines = [f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+                 for k, v in rows.items()]  # fmt: skip
+        lines.append(f"  {'verdict':<{width}}  {'OK' if self.ok else 'FAILED'}")
+        return "\n".join(lines)
+
+    def count_work(
+        self,
+        sids: list[str],
+        media: MediaStandIn,
+        openai: OpenAIStandIn,
+        cuts: Mapping[str, list[float]],
+    ) -> None:
+        """What the stand-ins did per recording, against the kills that explain repeats.
+
+        ``cuts``: per RecordingSid, when each consumer kill that caught it in work was noted.
+        """
+        downloads, transcriptions = Counter(media.started), openai.calls
+        self.extra_downloads = sum(downloads.values()) - len(sids)
+        self.extra_transcriptions = sum(transcriptions.values()) - len(sids)
+        self.interrupted = len(cuts)
+        self.extra_downloads_unexplained = unexplained(downloads, cuts, sids)
+        self.extra_transcriptions_unexplained = unexplained(transcriptions, cuts, sids)
+        spans = {sid: media.spans.get(sid, []) + openai.spans.get(sid, []) for sid in sids}
+        self.slot_peak = slot_peak(media.business_of, spans, cuts)
+
+
+def unexplained(
+    counts: Mapping[str, int], cuts: Mapping[str, list[float]], sids: Iterable[str]
+) -> int:
+    """How many recordings ran a stage more than once, plus once per kill that cut them."""
+    return sum(1 for sid in sids if counts.get(sid, 0) > 1 + len(cuts.get(sid, ())))
+
+
+def slot_peak(
+    business_of: Mapping[str, str],
+    spans: Mapping[str, list[Span]],
+    cuts: Mapping[str, list[float]],
+) -> int:
+    """The most recordings of one business in work at once (see ``work_intervals``)."""
+    intervals: defaultdict[str, list[Span]] = defaultdict(list)
+    for sid, business in business_of.items():
+        intervals[business] += work_intervals(spans.get(sid, []), cuts.get(sid, []))
+    return max(map(peak, intervals.values()), default=0)
+
+
+def work_intervals(spans: list[Span], cuts: list[float]) -> list[Span]:
+    """When one recording held a slot, as far as the requests made for it show.
+
+    A delivery runs from its first request (the slot was taken before it) to its
+    last answer (the slot is freed after it). A delivery a consumer kill cut
+    short ends at the cut: the dead process did no more work, whatever the
+    stand-ins still answered it; the next delivery begins with the first
+    request after the cut.
+    """
+    intervals: list[Span] = []
+    after = -math.inf
+    for cut in [*sorted(cuts), math.inf]:
+        inside = [span for span in spans if after < span[0] <= cut]
+        if inside:
+            begun = min(begun for begun, _ in inside)
+            ended = cut if cut < math.inf else max(ended for _, ended in inside)
+            intervals.append((begun, ended))
+        after = cut
+    return intervals
+
+
+def peak(intervals: list[Span]) -> int:
+    """Most intervals open at one moment (one that ends as another begins does not overlap it)."""
+    edges = sorted([(ended, -1) for _, ended in intervals] + [(begun, 1) for begun, _ in intervals])
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def as_json(report: ChaosReport) -> str:
+    """The report as JSON, for machines."""
+    return json.dumps({**asdict(report), "ok": report.ok}, indent=2)
