@@ -1,6 +1,6 @@
 """Slot housekeeping benchmark: what sweeps, renewals and ``slots list`` cost Redis.
 
-    .venv/bin/python bench/slots.py [--businesses 10000] [--consumers 10] [--original HEAD]
+    .venv/bin/python bench/slots.py [--businesses 10000] [--consumers 10] [--original 81961e5]
 
 Every business is at its limit of 1 with one more entry parked behind its
 holder, as a tenant with a backlog is. Each figure is measured twice, in the
@@ -42,6 +42,7 @@ from streamrec.group import ensure_group
 from streamrec.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "81961e5"  # the last commit before the parked-due index and the sweep lock
 LIVE_MS = 600_000  # holders that keep renewing: never due during a run
 CRASHED_MS = 100  # holders that stopped renewing: due after this
 
@@ -202,7 +203,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--businesses", type=int, default=10_000)
     parser.add_argument("--consumers", type=int, default=10)
-    parser.add_argument("--original", default="HEAD", help="git revision of the original")
+    parser.add_argument(
+        "--original", default=BEFORE, help=f"git revision of the original (default {BEFORE})"
+    )
     args = parser.parse_args()
     old_picture = ("time", "smembers", "scan", "hgetall", "zcount", "llen")
     versions = [
