@@ -1,7 +1,8 @@
 """streamrec ingest benchmark: signed RecordingStatusCallbacks/s the webhook accepts.
 
     .venv/bin/python bench/ingest.py [--duration 10] [--connections 32] [--threads 1]
-                                     [--bodies 50000] [--rounds 1] [--warmup 2]
+                                     [--bodies 150000] [--rounds 1] [--warmup 2]
+                                     [--wait-replicas 1] [--appendfsync off]
 
 Measures, in one run, the real webhook app (``create_app``: form parsing,
 Twilio signature check, event validation, the Lua dedupe script's XADD into a
@@ -11,6 +12,13 @@ process, loopback only) sending the same correctly signed callbacks to both;
 each server runs in a process of its own (bench/ingest_server.py), next to a
 Redis of our own in a temporary directory. Everything started is stopped and
 every temporary file removed on exit, Ctrl-C included.
+
+With ``--wait-replicas N`` (default 1; 0: skip it) the same Redis gets N
+replicas of our own and a third server, the webhook with
+STREAMREC_MIN_REPLICA_ACKS=N, is measured beside the others: the cost of
+answering only after WAIT N, printed beside the figure without it. Both
+streamrec servers verify signatures over one public URL, so the same signed
+callbacks serve all servers.
 
 Every body carries a distinct RecordingSid, so the dedupe script never
 short-circuits unless a wrk thread sends more requests than it has bodies; it
@@ -56,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "bench-ingest"
 BUSINESSES = 10
 TARGET = 0.5
-MODES = ("bare", "streamrec")
+SIGNED_URL = "https://ingest.bench.example"  # STREAMREC_PUBLIC_URL of the streamrec servers
 RESULT_MARK = "INGEST_RESULT "
 
 # The wrk script. setup() numbers the threads; each thread's init() reads its
@@ -128,6 +136,7 @@ class Figure:
     wrk_cpu_s: float
     stream_entries: int | None = None
     redis_cpu_s: float | None = None
+    replica_entries: int | None = None
 
     @property
     def accepted(self) -> int:
@@ -241,12 +250,25 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
+def modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The servers measured: the bare handler, streamrec, and streamrec after WAIT N."""
+    return ("bare", "streamrec", *([f"wait{args.wait_replicas}"] if args.wait_replicas else []))
+
+
+def server_args(mode: str) -> list[str]:
+    """ingest_server.py's arguments for ``mode`` (``waitN``: streamrec with N replica acks)."""
+    if mode == "bare":
+        return ["--mode", "bare"]
+    acks = mode.removeprefix("wait") if mode.startswith("wait") else "0"
+    return ["--mode", "streamrec", "--public-url", SIGNED_URL, "--replica-acks", acks]
+
+
 def start_server(
     children: Children, mode: str, redis_url: str, env: dict[str, str], directory: Path
 ) -> Server:
     """Start the server of ``mode`` and wait for its ``listening <port>`` line."""
     log = directory / f"{mode}.log"
-    args = [sys.executable, str(ROOT / "bench" / "ingest_server.py"), "--mode", mode,
+    args = [sys.executable, str(ROOT / "bench" / "ingest_server.py"), *server_args(mode),
             "--port", "0", "--redis-url", redis_url, "--namespace", NAMESPACE]  # fmt: skip
     with log.open("wb") as err:
         process = children.start(args, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
@@ -348,9 +370,9 @@ def run_wrk(children: Children, command: list[str], seconds: float) -> tuple[dic
 def check_probe(server: Server, callback: tuple[str, str, str]) -> None:
     """One signed callback must be answered 200 before any load is sent."""
     status, body = probe(server, callback)
-    if server.mode == "streamrec" and (status != 200 or '"queued"' not in body):
+    if server.mode != "bare" and (status != 200 or '"queued"' not in body):
         hint = " (a 403 means the signing is wrong)" if status == 403 else ""
-        raise BenchError(f"streamrec answered the probe callback {status}{hint}: {body}")
+        raise BenchError(f"{server.mode} answered the probe callback {status}{hint}: {body}")
     if status != 200:
         raise BenchError(f"{server.mode} answered the probe callback {status}: {body}")
 
@@ -370,21 +392,32 @@ class Bench:
         self.data = directory / "callbacks.tsv"
         self.script = directory / "callbacks.lua"
         self.stream = Keys(NAMESPACE).stream
+        self.replica: redis.Redis | None = None
 
     def run(self) -> list[Figure]:
-        """Start Redis, then the servers, measure; everything stops in reverse order."""
+        """Start Redis and its replicas, then the servers, measure; all stop in reverse order."""
         aof = self.args.appendfsync != "off"
         local_redis = LocalRedis(
             self.directory / "redis",
             appendonly=aof,
             appendfsync=self.args.appendfsync if aof else "everysec",
         ).start()
+        replicas: list[LocalRedis] = []
         try:
+            for n in range(self.args.wait_replicas):
+                replica = LocalRedis(self.directory / f"replica{n}", replica_of=local_redis)
+                replicas.append(replica.start())
             client = redis.Redis.from_url(local_redis.url, decode_responses=True)
             with contextlib.closing(client):
+                if replicas:
+                    self.replica = redis.Redis.from_url(replicas[0].url, decode_responses=True)
+                    wait_replicas(client, len(replicas))
                 return self._with_servers(local_redis.url, client)
         finally:
-            local_redis.stop()
+            if self.replica is not None:
+                self.replica.close()
+            for server in [*reversed(replicas), local_redis]:
+                server.stop()
 
     def _with_servers(self, redis_url: str, client: redis.Redis) -> list[Figure]:
         env = {
@@ -394,7 +427,7 @@ class Bench:
         }
         servers: dict[str, Server] = {}
         try:
-            for mode in MODES:
+            for mode in modes(self.args):
                 servers[mode] = start_server(self.children, mode, redis_url, env, self.directory)
             self._prepare(servers)
             return self._rounds(servers, client)
@@ -403,25 +436,25 @@ class Bench:
                 self.children.stop(server.process)
 
     def _prepare(self, servers: dict[str, Server]) -> None:
-        """Write the signed callbacks and the wrk script; probe both servers with one."""
-        # Twilio signs the public URL; the streamrec server's is its loopback address.
+        """Write the signed callbacks and the wrk script; probe each server with one."""
+        # Twilio signs the public URL, SIGNED_URL for both streamrec servers.
         # The bare server gets the same bytes: its signatures are merely not checked.
         started = time.perf_counter()
-        public_url = servers["streamrec"].public_url
         first = write_data(
-            self.data, self.args.bodies, public_url, self.account_sid, self.auth_token
+            self.data, self.args.bodies, SIGNED_URL, self.account_sid, self.auth_token
         )
         write_script(self.script, self.data, self.args.threads)
         elapsed = time.perf_counter() - started
         print(f"{self.args.bodies:,} signed callbacks generated in {elapsed:.1f} s")
-        for server in servers.values():
-            check_probe(server, first[0])
+        for server, callback in zip(servers.values(), first, strict=False):
+            check_probe(server, callback)  # each its own: another's would be a duplicate
 
     def _rounds(self, servers: dict[str, Server], client: redis.Redis) -> list[Figure]:
         """Measure each server --rounds times, alternating which goes first."""
         figures: list[Figure] = []
         for round_no in range(self.args.rounds):
-            for mode in MODES if round_no % 2 == 0 else reversed(MODES):
+            order = modes(self.args)
+            for mode in order if round_no % 2 == 0 else reversed(order):
                 figure = self._measure(servers[mode], client)
                 print(f"  round {round_no + 1} {mode:<9} {figure.rate:>9,.0f} req/s")
                 figures.append(figure)
@@ -463,9 +496,11 @@ class Bench:
             server_cpu_s=server_cpu,
             wrk_cpu_s=wrk_cpu,
         )
-        if server.mode == "streamrec":
+        if server.mode != "bare":
             figure.stream_entries = int(client.xlen(self.stream))
             figure.redis_cpu_s = redis_used
+        if server.mode.startswith("wait") and self.replica is not None:
+            figure.replica_entries = int(self.replica.xlen(self.stream))
         return figure
 
 
@@ -511,7 +546,7 @@ def report(figures: list[Figure], args: argparse.Namespace, wrk: str) -> bool:
     print(header)
     valid = True
     chosen: dict[str, Figure] = {}
-    for mode in MODES:
+    for mode in modes(args):
         runs = [f for f in figures if f.mode == mode]
         figure = chosen[mode] = median_figure(runs)
         errors = sum(sum(f.socket_errors.values()) for f in runs)
@@ -533,8 +568,10 @@ def report(figures: list[Figure], args: argparse.Namespace, wrk: str) -> bool:
         if figure.non_2xx:
             print(f"  {figure.mode}: {figure.non_2xx:,} responses with status >= 400")
     print()
-    for figure in (f for f in figures if f.mode == "streamrec"):
+    for figure in (f for f in figures if f.mode != "bare"):
         report_stream(figure, args)
+    if args.wait_replicas:
+        report_wait(chosen["streamrec"], chosen[f"wait{args.wait_replicas}"], args.wait_replicas)
     ratio = chosen["streamrec"].rate / chosen["bare"].rate
     verdict = "meets" if ratio >= TARGET else "BELOW"
     print(f"streamrec / bare handler: {ratio:.0%}  ({verdict} the {TARGET:.0%} target)")
@@ -553,9 +590,33 @@ def report_stream(figure: Figure, args: argparse.Namespace) -> None:
     if repeats:
         note += f" (more requests than --bodies {args.bodies:,}: raise it to avoid repeats)"
     print(
-        f"streamrec: {figure.accepted:,} callbacks accepted (2xx), {entries:,} stream entries,"
+        f"{figure.mode}: {figure.accepted:,} callbacks accepted (2xx), {entries:,} stream entries,"
         f" {repeats:,} repeats answered as duplicates, Redis CPU {redis_cpu:.0%}: {note}"
     )
+
+
+def report_wait(without: Figure, waiting: Figure, replicas: int) -> None:
+    """The cost of WAIT: the WAIT server's figures beside those without it."""
+    change = waiting.rate / without.rate - 1
+    print(
+        f"WAIT {replicas} (STREAMREC_MIN_REPLICA_ACKS={replicas}): {waiting.rate:,.0f} callbacks/s"
+        f" against {without.rate:,.0f} without ({change:+.0%}); p50 {without.p50_ms:.2f} →"
+        f" {waiting.p50_ms:.2f} ms, p99 {without.p99_ms:.2f} → {waiting.p99_ms:.2f} ms;"
+        f" CPU {without.cpu_us:.0f} → {waiting.cpu_us:.0f} µs/callback;"
+        f" replica has {waiting.replica_entries or 0:,} of {waiting.stream_entries or 0:,} entries"
+    )
+
+
+def wait_replicas(client: redis.Redis, count: int, timeout: float = 30) -> None:
+    """Wait until ``count`` replicas acknowledge a write (the first sync is done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set("bench-probe", "1")
+            pipe.wait(count, 100)
+            if pipe.execute()[1] >= count:
+                return
+    raise BenchError(f"{count} replica(s) did not come in sync within {timeout:.0f} s")
 
 
 def reproduce(args: argparse.Namespace) -> str:
@@ -570,6 +631,7 @@ def reproduce(args: argparse.Namespace) -> str:
         "--duration", str(args.duration), "--connections", str(args.connections),
         "--threads", str(args.threads), "--bodies", str(args.bodies),
         "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+        "--wait-replicas", str(args.wait_replicas), "--appendfsync", args.appendfsync,
     ])  # fmt: skip
 
 
@@ -578,7 +640,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t")
-    parser.add_argument("--bodies", type=int, default=50_000, help="distinct signed callbacks")
+    parser.add_argument("--bodies", type=int, default=150_000, help="distinct signed callbacks")
     parser.add_argument("--rounds", type=int, default=1, help="measurements per server")
     parser.add_argument(
         "--warmup", type=int, default=2, help="seconds of load before each (0: none)"
@@ -589,6 +651,12 @@ def parse_args() -> argparse.Namespace:
         choices=["off", "everysec", "always"],
         default="off",
         help="Redis persistence: no AOF (default), or AOF fsynced every second or every write",
+    )
+    parser.add_argument(
+        "--wait-replicas",
+        type=int,
+        default=1,
+        help="also measure the webhook answering after WAIT N on N replicas (0: skip it)",
     )
     args = parser.parse_args()
     if args.connections < args.threads:

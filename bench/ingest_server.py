@@ -1,10 +1,12 @@
 """The server under test of bench/ingest.py, in a process of its own.
 
     .venv/bin/python bench/ingest_server.py --mode streamrec|bare [--port 0] \
-        [--redis-url URL] [--namespace bench-ingest]
+        [--redis-url URL] [--namespace bench-ingest] [--public-url URL] [--replica-acks N]
 
 ``streamrec`` serves the real webhook app (``create_app``) with logging at
-WARNING; ``bare`` serves the reference: one POST route at the same path that
+WARNING, verifying signatures over ``--public-url`` (default: its own
+address) and, with ``--replica-acks``, answering only after WAIT N; ``bare``
+serves the reference: one POST route at the same path that
 reads the form and answers a small JSON 200. Both listen on 127.0.0.1 only,
 without an access log. The Twilio credentials come from the environment
 (INGEST_ACCOUNT_SID, INGEST_AUTH_TOKEN), not the command line.
@@ -66,8 +68,9 @@ async def serve(args: argparse.Namespace) -> None:
         config = WebhookConfig(
             account_sid=os.environ["INGEST_ACCOUNT_SID"],
             auth_token=os.environ["INGEST_AUTH_TOKEN"],
-            public_url=f"http://127.0.0.1:{port}",
+            public_url=args.public_url or f"http://127.0.0.1:{port}",
             keys=Keys(args.namespace),
+            replica_acks=args.replica_acks,
         )
         app = create_app(redis, config)
     else:
@@ -94,6 +97,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--namespace", default="bench-ingest")
+    parser.add_argument("--public-url", help="the URL signatures are computed over")
+    parser.add_argument("--replica-acks", type=int, default=0, help="WAIT for N replicas")
     args = parser.parse_args()
     if args.mode == "streamrec" and not {"INGEST_ACCOUNT_SID", "INGEST_AUTH_TOKEN"} <= set(
         os.environ

@@ -69,7 +69,11 @@ def _wait_until(check: Any, what: str, timeout: float, process: subprocess.Popen
 
 
 class LocalRedis:
-    """A redis-server child process; ``appendonly`` turns AOF on, fsynced per ``appendfsync``."""
+    """A redis-server child process; ``appendonly`` turns AOF on, fsynced per ``appendfsync``.
+
+    ``replica_of`` starts it as a replica of that server. ``binary`` is the
+    redis-server to run (default: the one on PATH).
+    """
 
     def __init__(
         self,
@@ -78,11 +82,15 @@ class LocalRedis:
         *,
         appendonly: bool = False,
         appendfsync: str = "everysec",
+        replica_of: LocalRedis | None = None,
+        binary: str | None = None,
     ):
         self.directory = directory
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.replica_of = replica_of
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +102,7 @@ class LocalRedis:
         """Start the server (again, after stop or kill) and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            find_binary("redis-server"),
+            self.binary or find_binary("redis-server"),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
@@ -102,7 +110,11 @@ class LocalRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync,
             "--logfile", str(self.directory / "redis.log"),
+            # A replica's first sync starts at once, not after the default 5 s.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_until(self._pong, f"redis-server on port {self.port}", 15, self.process)
         return self
@@ -123,9 +135,20 @@ class LocalRedis:
         """SIGKILL the server, as a crash would."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its connections but answers nothing until resumed."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
     def _signal(self, sig: signal.Signals) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
+            self.process.send_signal(signal.SIGCONT)  # a paused server acts on it only then
             self.process.wait(timeout=30)
         self.process = None
 

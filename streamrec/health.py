@@ -6,7 +6,12 @@ in the consumer registry has not expired".
 
 ``require_redis`` runs at the start of ``consume``, ``serve`` and ``run``: a
 Redis before 7.0 is refused (XAUTOCLAIM's reply has three parts only since),
-and an eviction policy other than ``noeviction`` is warned about loudly.
+and an eviction policy other than ``noeviction`` is warned about loudly. For
+the webhook it also checks what its confirmations need: WAITAOF is tried
+(refused if the server has no such command or no AOF), and fewer replicas
+online than STREAMREC_MIN_REPLICA_ACKS is a warning, not a refusal: a replica
+may be restarting, and a webhook that is up answers 503 until it is back and
+2xx from then on, while one that refused to start stays down until restarted.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import socket
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 from streamrec import status
 from streamrec.keys import Keys
@@ -27,23 +32,79 @@ class UnsupportedRedis(RedisError):
     """The Redis server is too old for streamrec (its message names server and version)."""
 
 
-async def require_redis(redis: aioredis.Redis, *, unreachable_ok: bool = False) -> None:
+class TooFewReplicas(RedisError):
+    """Fewer replicas are online than the webhook's confirmations ask for."""
+
+
+async def require_redis(
+    redis: aioredis.Redis,
+    *,
+    unreachable_ok: bool = False,
+    replica_acks: int = 0,
+    wait_aof: bool = False,
+) -> None:
     """Check the server at start: raise UnsupportedRedis before 7.0, warn about eviction.
 
-    An unreachable server raises RedisError, or with ``unreachable_ok`` (the
-    webhook, which answers 503 until Redis is back) is logged and let pass.
+    With ``wait_aof``, UnsupportedRedis also when the server cannot do
+    ``WAITAOF 1 0`` (before 7.2, AOF off, command denied); with
+    ``replica_acks``, a warning when fewer replicas are online. An unreachable
+    server raises RedisError, or with ``unreachable_ok`` (the webhook, which
+    answers 503 until Redis is back) is logged and let pass.
     """
     try:
         server = await status.server(redis)
+        refusal = server.refusal or (await _waitaof_refusal(redis, server) if wait_aof else None)
+        warnings = [*server.warnings, *await _replica_warnings(redis, server, replica_acks)]
     except (ConnectionError, TimeoutError) as exc:
         if not unreachable_ok:
             raise
         log.warning("redis_not_checked", error=f"{type(exc).__name__}: {exc}")
         return
-    if server.refusal:
-        raise UnsupportedRedis(server.refusal)
-    for warning in server.warnings:
+    if refusal:
+        raise UnsupportedRedis(refusal)
+    for warning in warnings:
         log.warning("redis_warning", warning=warning)
+
+
+async def _waitaof_refusal(redis: aioredis.Redis, server: status.Server) -> str | None:
+    """Why this server cannot confirm an AOF fsync (WAITAOF 1 0), or None.
+
+    The command itself is tried (on a connection that wrote nothing, it
+    answers at once): that finds an old server, AOF turned off and an ACL that
+    denies it alike.
+    """
+    try:
+        await redis.waitaof(1, 0, 1)
+    except ResponseError as exc:
+        return (
+            f"STREAMREC_WAIT_AOF=1 needs WAITAOF (Redis 7.2 or later, appendonly yes);"
+            f" Redis at {server.address} (version {server.version}) refused it: {exc}"
+        )
+    return None
+
+
+async def _replica_warnings(
+    redis: aioredis.Redis, server: status.Server, replica_acks: int
+) -> list[str]:
+    try:
+        await require_replicas(redis, replica_acks)
+    except TooFewReplicas as exc:
+        return [
+            f"STREAMREC_MIN_REPLICA_ACKS is {replica_acks} but Redis at {server.address} has"
+            f" {exc}: callbacks are answered 503 until enough replicas are back"
+        ]
+    return []
+
+
+async def require_replicas(redis: aioredis.Redis, wanted: int) -> None:
+    """Raise TooFewReplicas unless ``wanted`` replicas of the server are online (in sync)."""
+    if not wanted:
+        return
+    info = await redis.info("replication")
+    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+    online = sum(1 for replica in replicas if replica.get("state") == "online")
+    if online < wanted:
+        raise TooFewReplicas(f"{online} of {wanted} replicas online")
 
 
 async def check(

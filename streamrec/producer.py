@@ -1,11 +1,18 @@
 """The webhook: verifies Twilio's RecordingStatusCallback and adds it to the stream.
 
-A callback is answered 2xx only once its event is in Redis (503 while Redis is
-unreachable or refuses the event, so Twilio retries). Retries and duplicate
+A callback is answered 2xx only once its event is in Redis, and, when
+configured, confirmed on N replicas (WAIT) and in the AOF (WAITAOF). Otherwise
+it is answered 503 so Twilio may retry: while Redis is unreachable or refuses
+the event, when the confirmation falls short, and whenever no answer came
+within the deadline (well inside Twilio's 15 s). Retries and duplicate
 callbacks of one recording add one entry: a Lua script checks the RecordingSid
 marker and XADDs in one atomic call. Callbacks arriving together share that
-call (each is still answered only after its own entry is in, and an error
-about one of them fails that one alone).
+call and its confirmation (each is still answered only after its own entry is
+in, and an error about one of them fails that one alone).
+
+A 503 does not mean nothing was written: a timed-out or unconfirmed enqueue
+may have added the entry. Twilio's retry is then answered ``duplicate`` (once
+that first add is confirmed): nothing is lost and nothing is added twice.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
-from streamrec import lua
+from streamrec import health, lua
 from streamrec.batch import Batcher
 from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
 from streamrec.keys import Keys
@@ -44,6 +51,12 @@ class WebhookConfig:
     keys: Keys
     dedupe_ttl_s: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
+    deadline_ms: int = 5_000
+    """The enqueue's answer, WAIT included, comes within this; past it, 503."""
+    replica_acks: int = 0
+    """Replicas that must acknowledge an entry (WAIT) before its 2xx."""
+    wait_aof: bool = False
+    """Also require the primary's AOF fsync (WAITAOF 1 0; Redis 7.2 or later)."""
 
 
 ReadinessCheck = Callable[[], Awaitable[None]]
@@ -54,41 +67,127 @@ VALIDATOR_KEY: web.AppKey[RequestValidator] = web.AppKey("validator", RequestVal
 CHECKS_KEY: web.AppKey[dict[str, ReadinessCheck]] = web.AppKey("checks", dict)
 
 
-class Enqueuer:
-    """Adds recording events to the stream, once per RecordingSid."""
+class Unconfirmed(RedisError):
+    """Redis took a batch's writes but confirmed them on fewer replicas (or AOFs) than asked."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, dedupe_ttl_s: int) -> None:
+
+SCRIPT = "producer_enqueue_once"
+
+WAIT_SHARE = 0.8
+"""Of the deadline, what WAIT and WAITAOF may block for (together); the rest is the round trip."""
+
+
+class Enqueuer:
+    """Adds recording events to the stream, once per RecordingSid, answering within a deadline.
+
+    Callbacks arriving together share one script call. With ``replica_acks``
+    (WAIT) or ``wait_aof`` (WAITAOF 1 0), the call and its confirmation go out
+    on one connection, the one whose writes they count: one confirmation per
+    batch, not per event.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        dedupe_ttl_s: int,
+        deadline_ms: int = 5_000,
+        replica_acks: int = 0,
+        wait_aof: bool = False,
+    ) -> None:
+        self._redis = redis
         self._keys = keys
         self._ttl = dedupe_ttl_s
-        self._script = lua.register(redis, "producer_enqueue_once")
+        self._deadline_s = deadline_ms / 1000
+        self._acks = replica_acks
+        self._aof = wait_aof
+        self._confirms = bool(replica_acks) or wait_aof
+        waits = bool(replica_acks) + wait_aof
+        # 0 would make WAIT block for ever.
+        self._wait_ms = max(int(deadline_ms * WAIT_SHARE) // max(waits, 1), 1)
+        self._script = lua.register(redis, SCRIPT)
         self._batches: Batcher[RecordingEvent, tuple[bool, str]] = Batcher(self._enqueue)
 
     async def enqueue(self, event: RecordingEvent) -> tuple[bool, str]:
         """Add the event unless its recording was seen; returns (added, entry id).
 
         Raises RedisError when Redis is unreachable or refuses the event (its
-        marker holds another type, Redis is out of memory); then nothing of
+        marker holds another type, Redis is out of memory): then nothing of
         this event was written, and events sharing its call are unaffected.
+        Raises Unconfirmed when its batch was written but not confirmed on the
+        replicas (or AOF) asked for, and TimeoutError when no answer came
+        within the deadline: in both cases the event may be in Redis (now or
+        once the call completes), so a repeat is answered as a duplicate,
+        confirmed like a new one.
         """
-        return await self._batches.submit(event)
+        async with asyncio.timeout(self._deadline_s):
+            return await self._batches.submit(event)
 
     async def _enqueue(self, events: list[RecordingEvent]) -> list[tuple[bool, str] | Exception]:
-        flat = await self._script(*_enqueue_input(self._keys, self._ttl, events))
-        return [_outcome(int(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+        keys, args = _enqueue_input(self._keys, self._ttl, events, rewrite=self._confirms)
+        # A batch stuck on a silent Redis frees the batcher by the deadline; its
+        # callers have had their answer by then.
+        async with asyncio.timeout(self._deadline_s):
+            if self._confirms:
+                flat, missing = await self._confirmed(keys, args)
+            else:
+                flat, missing = await self._script(keys, args), None
+        return [_outcome(int(flat[i]), str(flat[i + 1]), missing) for i in range(0, len(flat), 2)]
+
+    async def _confirmed(self, keys: list[str], args: list[str]) -> tuple[list[Any], str | None]:
+        """The script's reply, and what of the confirmation asked for was missing (None: all).
+
+        A pipeline holds one connection for the script and the waits: WAIT and
+        WAITAOF count the writes of the connection they are sent on. A retried
+        pipeline runs on a new connection; the script's marker rewrite makes
+        its waits cover what the lost attempt wrote.
+        """
+        flat, *confirmations = await self._pipeline(keys, args)
+        missing = []
+        if self._acks and (acked := int(confirmations.pop(0))) < self._acks:
+            missing.append(f"{acked} of {self._acks} replicas acknowledged")
+        if self._aof and int(confirmations[0][0]) < 1:
+            missing.append("the AOF was not fsynced")
+        return flat, ("; ".join(missing) + f" within {self._wait_ms} ms") if missing else None
+
+    async def _pipeline(self, keys: list[str], args: list[str]) -> list[Any]:
+        """The script, then WAIT and/or WAITAOF, in one round trip on one connection.
+
+        EVAL with the source, not the script object: in a pipeline that one
+        asks SCRIPT EXISTS first, a round trip per batch, and EVALSHA would
+        fail on a server that has not seen the script (a new primary after a
+        failover) after its WAIT had blocked. Redis caches the compiled script.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.eval(lua.source(SCRIPT), len(keys), *keys, *args)
+            if self._acks:
+                pipe.wait(self._acks, self._wait_ms)
+            if self._aof:
+                pipe.waitaof(1, 0, self._wait_ms)
+            return list(await pipe.execute())
 
 
-def _outcome(code: int, value: str) -> tuple[bool, str] | Exception:
-    """One event's part of the script's reply: (added, entry id), or the error Redis gave."""
-    return ResponseError(value) if code < 0 else (code == 1, value)
+def _outcome(code: int, value: str, missing: str | None) -> tuple[bool, str] | Exception:
+    """One event's part of the script's reply: (added, entry id), or why it failed."""
+    if code < 0:
+        return ResponseError(value)
+    if missing is not None:
+        return Unconfirmed(f"entry {value} written, not confirmed: {missing}")
+    return code == 1, value
 
 
 def _enqueue_input(
-    keys: Keys, ttl_s: int, events: list[RecordingEvent]
+    keys: Keys, ttl_s: int, events: list[RecordingEvent], *, rewrite: bool
 ) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of producer_enqueue_once.lua (see its header) for a batch of events."""
+    """KEYS and ARGV of producer_enqueue_once.lua (see its header) for a batch of events.
+
+    ``rewrite``: rewrite the markers of events already seen, so that a WAIT
+    after the call covers their first add.
+    """
     return (
         [keys.stream, *(keys.seen(e.recording_sid) for e in events)],
-        [str(ttl_s), *(json.dumps(e.field_list()) for e in events)],
+        [str(ttl_s), "1" if rewrite else "0", *(json.dumps(e.field_list()) for e in events)],
     )
 
 
@@ -105,14 +204,23 @@ def create_app(
     """The webhook app, using ``redis`` (owned by the caller).
 
     ``checks`` are the dependencies /readyz reports besides Redis (PostgreSQL
-    in ``serve``).
+    in ``serve``); with ``replica_acks``, /readyz also names too few replicas.
     """
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG_KEY] = config
     app[VALIDATOR_KEY] = RequestValidator(config.auth_token)
-    app[ENQUEUER_KEY] = Enqueuer(redis, config.keys, dedupe_ttl_s=config.dedupe_ttl_s)
+    app[ENQUEUER_KEY] = Enqueuer(
+        redis,
+        config.keys,
+        dedupe_ttl_s=config.dedupe_ttl_s,
+        deadline_ms=config.deadline_ms,
+        replica_acks=config.replica_acks,
+        wait_aof=config.wait_aof,
+    )
     app[METRICS_KEY] = metrics or Metrics()
     app[CHECKS_KEY] = {"redis": lambda: _ping(redis), **(checks or {})}
+    if config.replica_acks:
+        app[CHECKS_KEY]["replicas"] = lambda: health.require_replicas(redis, config.replica_acks)
     app.router.add_post(WEBHOOK_PATH, recording_callback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -244,10 +352,15 @@ async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> Answer:
     context = {"recording_sid": event.recording_sid, "business_id": event.business_id}
     try:
         added, entry_id = await enqueuer.enqueue(event)
+    except TimeoutError:  # before OSError, its base class
+        log.error("webhook_enqueue_timed_out", **context)
+        return _unavailable("timeout", "queue did not answer in time, retry later")
+    except Unconfirmed as exc:
+        log.error("webhook_enqueue_unconfirmed", error=str(exc), **context)
+        return _unavailable("unconfirmed", "queue replicas did not confirm, retry later")
     except (RedisError, OSError) as exc:
         log.error("webhook_enqueue_failed", error=str(exc), **context)
-        return _answer("unavailable", {"error": "queue unavailable, retry later"}, 503,
-                       **{"Retry-After": "5"})  # fmt: skip
+        return _unavailable("unavailable", "queue unavailable, retry later")
     log.info(
         "webhook_enqueued" if added else "webhook_duplicate",
         entry_id=entry_id,
@@ -257,3 +370,8 @@ async def _enqueue(enqueuer: Enqueuer, event: RecordingEvent) -> Answer:
     )
     outcome = "queued" if added else "duplicate"
     return _answer(outcome, {"status": outcome, "entry_id": entry_id})
+
+
+def _unavailable(outcome: str, reason: str) -> Answer:
+    """503 with Retry-After: Twilio may retry (see the README on its retry policy)."""
+    return _answer(outcome, {"error": reason}, 503, **{"Retry-After": "5"})

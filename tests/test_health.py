@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +364,69 @@ async def test_an_unreachable_redis_stops_a_consumer_start_but_not_the_webhook()
     finally:
         await client.aclose()
     assert [entry["event"] for entry in logs] == ["redis_not_checked"]
+
+
+NEWER_REDIS = os.environ.get("TEST_REDIS_7_2_SERVER")
+"""A redis-server of version 7.2 or later (WAITAOF), where this machine has one."""
+
+
+async def test_wait_aof_is_refused_at_start_by_a_redis_without_waitaof(
+    own_redis: LocalRedis, own_redis_client: aioredis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """STREAMREC_WAIT_AOF=1 against Redis 7.0: serve exits 1 in one line naming WAITAOF."""
+    version = str((await own_redis_client.info("server"))["redis_version"])
+    if tuple(int(part) for part in version.split(".")[:2]) >= (7, 2):
+        pytest.skip(f"the redis-server on PATH is {version}: it has WAITAOF")
+    env = environment(
+        settings, REDIS_URL=own_redis.url, STREAMREC_WAIT_AOF="1", STREAMREC_HTTP_PORT="0"
+    )
+    finished = await streamrec("serve", env=env, cwd=tmp_path)
+    assert finished.returncode == 1
+    [line] = [line for line in finished.stderr.splitlines() if not line.startswith("{")]
+    assert line.startswith("streamrec: serve failed: UnsupportedRedis: STREAMREC_WAIT_AOF=1 needs")
+    assert f"Redis at 127.0.0.1:{own_redis.port} (version {version})" in line
+    assert "unknown command" in line
+
+
+@pytest.mark.skipif(not NEWER_REDIS, reason="TEST_REDIS_7_2_SERVER is not set")
+async def test_wait_aof_is_refused_at_start_by_a_redis_without_aof(tmp_path: Path) -> None:
+    """Redis >= 7.2 with appendonly no: require_redis(wait_aof=True) refuses, naming AOF."""
+    server = LocalRedis(tmp_path / "redis", binary=NEWER_REDIS).start()
+    client = service.redis_client(server.url)
+    try:
+        with pytest.raises(health.UnsupportedRedis, match="appendonly is disabled"):
+            await health.require_redis(client, wait_aof=True)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_too_few_replicas_is_a_warning_at_start_and_named_by_readyz(
+    own_redis: LocalRedis, own_redis_client: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """MIN_REPLICA_ACKS=1 and no replica: start-up warns, /readyz is 503 until one is online."""
+    with structlog.testing.capture_logs() as logs:
+        await health.require_redis(own_redis_client, replica_acks=1)
+    [warning] = [entry["warning"] for entry in logs if entry["event"] == "redis_warning"]
+    assert warning.startswith(
+        f"STREAMREC_MIN_REPLICA_ACKS is 1 but Redis at 127.0.0.1:{own_redis.port}"
+        " has 0 of 1 replicas online"
+    )
+    app = create_app(own_redis_client, replace(config(keys), replica_acks=1))
+    replica = LocalRedis(tmp_path / "replica", replica_of=own_redis)
+    async with TestClient(TestServer(app)) as client:
+        status, body = await readyz(client)
+        assert (status, body["checks"]["replicas"]) == (
+            503,
+            "TooFewReplicas: 0 of 1 replicas online",
+        )
+        assert body["checks"]["redis"] == "ok"
+        try:
+            await asyncio.to_thread(replica.start)
+
+            async def ready() -> bool:
+                return (await readyz(client))[0] == 200
+
+            await wait_for(ready, what="/readyz to answer 200 once the replica is online")
+        finally:
+            await asyncio.to_thread(replica.stop)

@@ -7,7 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from multidict import MultiDict, MultiDictProxy
 from redis.exceptions import ResponseError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
+from streamrec import service
 from streamrec.devservers import LocalRedis
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
@@ -364,6 +365,50 @@ async def test_redis_down_answers_503_then_enqueues_after_restart(
             await redis.aclose()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
+    """A redis-server of this test's own, to pause, stop and start again."""
+    server = LocalRedis(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_paused_redis_is_answered_503_within_the_deadline(
+    own_redis: LocalRedis, keys: Keys
+) -> None:
+    """With Redis paused (SIGSTOP) callbacks get 503 by the deadline; once resumed, each once."""
+    deadline_ms = 1_000
+    bound = deadline_ms / 1000 + 1.0
+    redis = service.redis_client(own_redis.url)  # the real client: socket timeout 12 s, retries
+    try:
+        async with serving(redis, webhook_config(keys, deadline_ms=deadline_ms)) as client:
+            assert (await post(client, callback_params())).status == 200
+            callbacks = [callback_params() for _ in range(10)]
+            own_redis.pause()
+            try:
+                started = asyncio.get_running_loop().time()
+                async with asyncio.timeout(bound):
+                    answers = await asyncio.gather(*(post(client, c) for c in callbacks))
+                elapsed = asyncio.get_running_loop().time() - started
+            finally:
+                own_redis.resume()
+            assert elapsed < bound
+            assert [a.status for a in answers] == [503] * 10
+            assert all(int(a.headers["Retry-After"]) > 0 for a in answers)
+            assert "in time" in await error_of(answers[0])
+
+            # A timed-out enqueue may still have been written: the repeat is then a duplicate.
+            again = await asyncio.gather(*(post(client, c) for c in callbacks))
+            assert [a.status for a in again] == [200] * 10
+            sids = [f["recording_sid"] for f in await entries(redis, keys)]
+            assert len(sids) == 11
+            assert {c["RecordingSid"] for c in callbacks} <= set(sids)
+    finally:
+        await redis.aclose()
 
 
 async def test_a_marker_of_the_wrong_type_answers_503_and_adds_nothing(
