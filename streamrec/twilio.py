@@ -1,6 +1,6 @@
-"""Twilio's side: the media URL of a recording and its download.
+"""Twilio's side: the media URL of a recording, its download and its deletion.
 
-The URL is built from AccountSid and RecordingSid against the configured API
+URLs are built from AccountSid and RecordingSid against the configured API
 base, never taken from the callback, so a forged callback cannot point a worker
 at another host or make it send the auth token there.
 """
@@ -41,7 +41,10 @@ def looks_like_audio(head: bytes) -> bool:
 
 
 class MediaClient:
-    """Downloads recording media with the account's credentials into ``media_dir``."""
+    """Downloads recording media with the account's credentials into ``media_dir``.
+
+    Also deletes a recording from Twilio, for the pipeline's opt-in delete stage.
+    """
 
     def __init__(
         self,
@@ -91,6 +94,42 @@ class MediaClient:
         log.info("recording_downloaded", bytes=size)
         return final, size
 
+    async def sync_stored(self, path: Path, size: int) -> None:
+        """Force the stored audio at ``path`` to disk: the file, then the directories naming it.
+
+        Raises PermanentError if ``path`` is not a file of ``size`` bytes: the
+        audio the row records is not where it says, so Twilio's copy must stay.
+        """
+        if await asyncio.to_thread(_size_if_present, path) != size:
+            raise PermanentError(f"stored audio is missing or not {size} bytes: {path}")
+        await asyncio.to_thread(_fsync_each, path, path.parent, path.parent.parent)
+
+    async def delete(self, event: RecordingEvent) -> bool:
+        """Delete the recording (media and metadata) from Twilio; False if it was gone already.
+
+        Twilio answers 204 once deleted and 404 for a recording it does not
+        have, which counts as done: an earlier attempt may have deleted it and
+        died before saying so. Raises TransientError for 429, 5xx and network
+        failures, PermanentError for any other answer (401/403: these
+        credentials may not delete).
+        """
+        if event.account_sid != self._account_sid:
+            raise PermanentError("recording belongs to another account")
+        recordings = f"{self._api_base}/2010-04-01/Accounts/{event.account_sid}/Recordings"
+        url = f"{recordings}/{event.recording_sid}.json"
+        try:
+            async with self._session.delete(url, headers=self._headers) as response:
+                status, retry_after = response.status, _retry_after(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(f"delete request failed: {type(exc).__name__}: {exc}") from exc
+        if status in (200, 204):
+            return True
+        if status == 404:
+            return False
+        if status == 429 or status >= 500:
+            raise TransientError(f"delete request got {status}", retry_after=retry_after)
+        raise PermanentError(f"delete request got {status}")
+
     async def _fetch(self, event: RecordingEvent, part: Path) -> int:
         """Save the recording's media to ``part``; returns its size."""
         url = media_url(self._api_base, event.account_sid, event.recording_sid)
@@ -132,6 +171,15 @@ def _size_if_present(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def _fsync_each(*paths: Path) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _open_for_write(path: Path) -> BinaryIO:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from streamrec.keys import Keys
@@ -157,3 +158,49 @@ async def test_a_consumer_paused_past_its_claim_stops_before_its_next_stage(
     assert await exited(sleeper) == 0
     assert openai_api.calls[sid] == 1
     assert await db.fetchval("SELECT count(*) FROM recordings") == 1
+
+
+@pytest.mark.parametrize("twilio_acted", [False, True], ids=["request_lost", "answer_lost"])
+async def test_a_consumer_killed_at_its_delete_leaves_it_to_the_next(
+    settings: Settings,
+    media: MediaStandIn,
+    openai_api: OpenAIStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+    twilio_acted: bool,
+) -> None:
+    """SIGKILL during the DELETE after the commit: the next consumer deletes; one took effect."""
+    # Given a consumer whose row is completed and whose DELETE is held at Twilio
+    [sid] = await enqueue(redis, keys, 1, media=media)
+    media.delete_gate = asyncio.Event()
+    victim = spawn_consumer(settings, "victim", tmp_path, STREAMREC_DELETE_FROM_TWILIO="true")
+    children.append(victim)
+    try:
+        await wait_for(lambda: media.delete_waiting[sid] == 1, what="the victim's delete")
+        assert await completed(db) == {sid}
+        # When it is killed there, Twilio having acted on the request or not, and another starts
+        victim.send_signal(signal.SIGKILL)
+        await exited(victim)
+        if twilio_acted:
+            media.delete_gate.set()  # the request goes on; its answer finds nobody
+            await wait_for(lambda: media.deletes[sid] == 1, what="the victim's delete to act")
+        else:
+            media.delete_hold = set()  # the victim's request stays held, never acted on
+        children.append(
+            spawn_consumer(settings, "rescuer", tmp_path, STREAMREC_DELETE_FROM_TWILIO="true")
+        )
+        # Then the rescuer deletes (or finds it deleted) and records it; nothing is redone
+        await wait_for(lambda: _deleted(db, sid), timeout=30, what="deleted_at recorded")
+    finally:
+        media.delete_gate.set()
+    assert (media.delete_requests[sid], media.deletes[sid]) == (2, 1)
+    assert (media.served[sid], openai_api.calls[sid]) == (1, 1)
+    await wait_for(lambda: _empty(redis, keys), what="stream drained and nothing pending")
+
+
+async def _deleted(db: Any, sid: str) -> bool:
+    query = "SELECT deleted_at IS NOT NULL FROM recordings WHERE recording_sid = $1"
+    return bool(await db.fetchval(query, sid))

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from streamrec import service
+from streamrec import deadletters, service
 from streamrec.delivery import Delivery, Lost
 from streamrec.devservers import LocalPostgres
 from streamrec.events import RecordingEvent
@@ -25,6 +25,7 @@ from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.pipeline import RecordingPipeline
 from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
+from streamrec.retry import TransientError
 from streamrec.settings import Settings
 from streamrec.store import Store
 from streamrec.transcribe import Transcriber
@@ -490,3 +491,178 @@ async def test_an_outage_during_the_commit_costs_no_second_transcription(
         stop.set()
         await asyncio.wait_for(consumer, 30)
         server.stop()
+
+
+def deleting(settings: Settings) -> Settings:
+    """``settings`` with STREAMREC_DELETE_FROM_TWILIO on."""
+    return settings.model_copy(update={"delete_from_twilio": True})
+
+
+async def test_a_recording_is_deleted_from_twilio_only_once_its_row_is_completed(
+    webhook: Client,
+    settings: Settings,
+    media: MediaStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+) -> None:
+    """Delete on: each recording is deleted once, when its row already says completed."""
+    status_then: dict[str, str | None] = {}
+
+    async def look(sid: str) -> None:
+        query = "SELECT status FROM recordings WHERE recording_sid = $1"
+        status_then[sid] = await db.fetchval(query, sid)
+
+    media.on_delete = look
+    sent = [(await callback(webhook))["RecordingSid"] for _ in range(4)]
+    await consume_all(deleting(settings))
+    found = await rows(db)
+    assert status_then == dict.fromkeys(sent, "completed")
+    for sid in sent:
+        assert media.deletes[sid] == 1
+        row = found[sid]
+        assert row["status"] == "completed"
+        assert row["deleted_at"] >= row["completed_at"]
+        assert row["error"] is None
+        assert (settings.media_dir / "7" / f"{sid}.mp3").read_bytes() == AUDIO
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_with_the_setting_off_nothing_is_deleted(
+    webhook: Client, settings: Settings, media: MediaStandIn, db: Any
+) -> None:
+    """STREAMREC_DELETE_FROM_TWILIO is off by default: no DELETE reaches Twilio."""
+    params = await callback(webhook)
+    await consume_all(settings)
+    row = (await rows(db))[params["RecordingSid"]]
+    assert row["status"] == "completed"
+    assert row["deleted_at"] is None
+    assert sum(media.delete_requests.values()) == 0
+
+
+async def test_absent_failed_and_dead_lettered_recordings_are_never_deleted(
+    webhook: Client, settings: Settings, media: MediaStandIn, db: Any
+) -> None:
+    """Delete on: recordings Twilio reported absent or failed, or that we failed, stay on Twilio."""
+    await callback(webhook, status="absent")
+    await callback(webhook, status="failed")
+    refused = callback_params()["RecordingSid"]
+    media.status_for[refused] = 403
+    await callback(webhook, sid=refused)
+    await consume_all(deleting(settings))
+    assert sorted(r["status"] for r in (await rows(db)).values()) == ["absent", "failed", "failed"]
+    assert sum(media.delete_requests.values()) == 0
+
+
+async def test_a_404_on_delete_counts_as_done(
+    webhook: Client,
+    settings: Settings,
+    media: MediaStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+) -> None:
+    """A recording Twilio no longer has is recorded deleted; its entry is acked."""
+    sid = callback_params()["RecordingSid"]
+    media.delete_status_for[sid] = 404
+    await callback(webhook, sid=sid)
+    await consume_all(deleting(settings))
+    row = (await rows(db))[sid]
+    assert (row["status"], row["error"]) == ("completed", None)
+    assert row["deleted_at"] is not None
+    assert media.delete_requests[sid] == 1
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_a_delete_refused_for_good_leaves_the_recording_completed(
+    webhook: Client,
+    settings: Settings,
+    media: MediaStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+) -> None:
+    """A 403 on delete: asked once, the row stays completed with the reason, nothing dead."""
+    sid = callback_params()["RecordingSid"]
+    media.delete_status_for[sid] = 403
+    await callback(webhook, sid=sid)
+    await consume_all(deleting(settings))
+    row = (await rows(db))[sid]
+    assert row["status"] == "completed"
+    assert row["deleted_at"] is None
+    assert "not deleted from Twilio" in row["error"]
+    assert "403" in row["error"]
+    assert media.delete_requests[sid] == 1
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_a_delete_that_keeps_failing_is_dead_lettered_with_its_row_completed(
+    webhook: Client,
+    settings: Settings,
+    media: MediaStandIn,
+    redis: aioredis.Redis,
+    keys: Keys,
+    db: Any,
+) -> None:
+    """503 on every delete: dead-lettered at the cap, the row still completed; a replay deletes."""
+    media.not_ready = 0
+    sid = callback_params()["RecordingSid"]
+    media.delete_status_for[sid] = 503
+    await callback(webhook, sid=sid)
+    await consume_all(deleting(settings).model_copy(update={"max_deliveries": 3}))
+    assert media.delete_requests[sid] == 3
+    row = (await rows(db))[sid]
+    assert (row["status"], row["deleted_at"]) == ("completed", None)
+    [(dead_id, dead)] = await entries(redis, keys.dead)
+    assert "delete request got 503" in dead["error"]
+    del media.delete_status_for[sid]
+    await deadletters.replay(redis, keys, [dead_id])
+    await consume_all(deleting(settings))
+    assert (await rows(db))[sid]["deleted_at"] is not None
+    assert (media.served[sid], media.deletes[sid]) == (1, 1)
+
+
+async def test_a_redelivery_resumes_at_the_delete_stage(
+    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+) -> None:
+    """Completed, not deleted: a redelivery deletes without a download; once deleted, no more."""
+    downloads, _ = clients
+    pipeline = RecordingPipeline(
+        store=Store(db), media=downloads, transcriber=None, delete_from_twilio=True
+    )
+    recording = new_event()
+    sid = recording.recording_sid
+    media.delete_status_for[sid] = 503
+    with pytest.raises(TransientError):
+        await pipeline(delivery_of(recording))
+    progress = await Store(db).progress(sid)
+    assert progress is not None
+    assert (progress.status, progress.deleted_at) == ("completed", None)
+    del media.delete_status_for[sid]
+    await pipeline(delivery_of(recording))
+    await pipeline(delivery_of(recording))
+    progress = await Store(db).progress(sid)
+    assert progress is not None
+    assert progress.deleted_at is not None
+    assert (media.requests[sid], media.delete_requests[sid], media.deletes[sid]) == (1, 2, 1)
+
+
+async def test_an_entry_lost_before_its_delete_deletes_nothing(
+    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+) -> None:
+    """Ownership lost after the row is completed: no DELETE is sent."""
+    downloads, _ = clients
+    pipeline = RecordingPipeline(
+        store=Store(db), media=downloads, transcriber=None, delete_from_twilio=True
+    )
+    recording = new_event()
+    checks = itertools.count(1)
+    with pytest.raises(Lost):  # owned for the download and the row, not the delete
+        await pipeline(delivery_of(recording, lambda: next(checks) > 2))
+    progress = await Store(db).progress(recording.recording_sid)
+    assert progress is not None
+    assert progress.status == "completed"
+    assert media.delete_requests[recording.recording_sid] == 0

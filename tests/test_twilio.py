@@ -1,4 +1,4 @@
-"""The media client: downloads from Twilio's media endpoint (stand-in) to the media directory."""
+"""The media client against Twilio's stand-in: downloads to the media directory, deletes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 
 from streamrec.events import RecordingEvent
+from streamrec.retry import PermanentError, TransientError
 from streamrec.twilio import MediaClient
 from tests.standins import ACCOUNT_SID, AUDIO, AUTH_TOKEN, MediaStandIn, call_sid, recording_sid
 
@@ -99,3 +101,66 @@ async def test_disk_work_runs_off_the_event_loop(
     assert size == len(body)
     assert path.read_bytes() == body
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no .part left behind
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (None, True),
+        (404, False),
+        (429, TransientError),
+        (500, TransientError),
+        (503, TransientError),
+        (401, PermanentError),
+        (403, PermanentError),
+    ],
+)
+async def test_a_delete_is_sorted_by_twilios_answer(
+    client: MediaClient, media: MediaStandIn, status: int | None, outcome: bool | type[Exception]
+) -> None:
+    """DELETE: 204 deleted, 404 already gone, 429/5xx transient, 401/403 permanent."""
+    recording = event()
+    sid = recording.recording_sid
+    if status is not None:
+        media.delete_status_for[sid] = status
+    if isinstance(outcome, bool):
+        assert await client.delete(recording) is outcome
+    else:
+        with pytest.raises(outcome):
+            await client.delete(recording)
+    assert media.delete_requests[sid] == 1
+    assert media.deletes[sid] == (status is None)
+
+
+async def test_a_deleted_recording_is_gone_for_good(
+    client: MediaClient, media: MediaStandIn
+) -> None:
+    """A second delete of a recording answers 404 (done), and its media is gone too."""
+    recording = event()
+    assert await client.delete(recording) is True
+    assert await client.delete(recording) is False
+    assert media.deletes[recording.recording_sid] == 1
+    with pytest.raises(TransientError, match="404"):
+        await client.download(recording)
+
+
+async def test_stored_audio_is_synced_before_it_counts(
+    client: MediaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync_stored fsyncs the file and the directories naming it; a wrong size is refused."""
+    recording = event()
+    path, size = await client.download(recording)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    await client.sync_stored(path, size)
+    assert synced == [str(path), str(path.parent), str(path.parent.parent)]
+    with pytest.raises(PermanentError, match="missing or not"):
+        await client.sync_stored(path, size + 1)
+    with pytest.raises(PermanentError, match="missing or not"):
+        await client.sync_stored(path.with_name("elsewhere.mp3"), size)
