@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/chaos.py [--recordings 2000] [--json]
 
-2,000 signed callbacks (a quarter sent twice) through 3 consumer processes while
-a random consumer is SIGKILLed every 3 s and replaced, Redis (AOF on) is
-SIGKILLed once and restarted, and PostgreSQL is stopped for 10 s. Exits 1 if a
-recording was lost or enqueued twice, downloaded or transcribed more often than
-the consumer kills that caught it in work explain, anything was left pending or
-parked, or a business ever had more recordings in work than its slot limit.
+2,000 signed callbacks (a quarter sent twice), sent as Twilio sends them (one
+retry when the connection fails, then given up), through 3 consumer processes
+while a random consumer is SIGKILLed every 3 s and replaced, Redis (AOF on) is
+SIGKILLed once and restarted, PostgreSQL is stopped for 10 s and the webhook
+for 5 s; the consumers' scheduled reconciler (every 2 s) brings in the
+recordings whose callbacks were lost at the edge. Exits 1 if a recording was
+lost or enqueued twice, downloaded or transcribed more often than the consumer
+kills that caught it in work explain, anything was left pending or parked, or a
+business ever had more recordings in work than its slot limit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> int:
     parser.add_argument("--recordings", type=int, default=2_000)
     parser.add_argument("--consumers", type=int, default=3)
     parser.add_argument("--postgres-down-s", type=float, default=10.0)
+    parser.add_argument("--webhook-outage-s", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logs.configure(fmt="json", level="warning")
@@ -40,6 +44,7 @@ def main() -> int:
         recordings=args.recordings,
         consumers=args.consumers,
         postgres_down_s=args.postgres_down_s,
+        webhook_outage_s=args.webhook_outage_s,
     )
     report = asyncio.run(run(config))
     print(

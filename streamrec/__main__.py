@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +19,8 @@ from streamrec import (
     deadletters,
     devrun,
     health,
+    numbers,
+    reconcile,
     semaphore,
     service,
     simulate,
@@ -26,21 +29,33 @@ from streamrec import (
 )
 from streamrec import logging as logs
 from streamrec.keys import Keys
+from streamrec.metrics import Metrics
 from streamrec.settings import ConfigError, Settings, load_settings
 
 COMMON = "REDIS_URL, STREAMREC_NAMESPACE, STREAMREC_LOG_FORMAT, STREAMREC_LOG_LEVEL"
 WEBHOOK = (
     "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_PUBLIC_URL, STREAMREC_HTTP_HOST, "
-    "STREAMREC_HTTP_PORT, STREAMREC_MAX_BODY_BYTES, STREAMREC_DEDUPE_TTL_S"
+    "STREAMREC_HTTP_PORT, STREAMREC_MAX_BODY_BYTES, STREAMREC_DEDUPE_TTL_S, "
+    "STREAMREC_WEBHOOK_DEADLINE_MS, STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF"
 )
 CONSUMER = (
     "DATABASE_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_TWILIO_API_BASE, "
-    "STREAMREC_MEDIA_DIR, STREAMREC_MEDIA_MAX_BYTES, OPENAI_API_KEY, OPENAI_BASE_URL, "
+    "STREAMREC_MEDIA_DIR, STREAMREC_MEDIA_MAX_BYTES, STREAMREC_DELETE_FROM_TWILIO, "
+    "OPENAI_API_KEY, OPENAI_BASE_URL, "
     "STREAMREC_TRANSCRIBE_MODEL, STREAMREC_CONCURRENCY, STREAMREC_CLAIM_IDLE_MS, "
     "STREAMREC_MAX_DELIVERIES, STREAMREC_RETRY_BASE_MS, STREAMREC_RETRY_MAX_MS, "
     "STREAMREC_HTTP_TIMEOUT_S, STREAMREC_SHUTDOWN_GRACE_S, STREAMREC_BLOCK_MS, "
     "STREAMREC_CONSUMER_NAME, STREAMREC_BUSINESS_SLOTS, STREAMREC_SLOT_LEASE_MS, "
-    "STREAMREC_METRICS_PORT, STREAMREC_HEARTBEAT_S, STREAMREC_PROGRESS_S"
+    "STREAMREC_METRICS_PORT, STREAMREC_HEARTBEAT_S, STREAMREC_PROGRESS_S, "
+    "STREAMREC_RECONCILE_INTERVAL_S, STREAMREC_RECONCILE_LOOKBACK_H, "
+    "STREAMREC_RECONCILE_DEFAULT_BUSINESS, STREAMREC_DEDUPE_TTL_S, "
+    "STREAMREC_WEBHOOK_DEADLINE_MS, STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF"
+)
+RECONCILE = (
+    "DATABASE_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_TWILIO_API_BASE, "
+    "STREAMREC_HTTP_TIMEOUT_S, STREAMREC_DEDUPE_TTL_S, STREAMREC_WEBHOOK_DEADLINE_MS, "
+    "STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF, STREAMREC_RECONCILE_LOOKBACK_H, "
+    "STREAMREC_RECONCILE_DEFAULT_BUSINESS"
 )
 
 COMMANDS = {
@@ -63,6 +78,11 @@ COMMANDS = {
     ),
     "dlq": ("list, replay or purge dead letters", ""),
     "slots": ("show or change per-business slot limits", "STREAMREC_BUSINESS_SLOTS"),
+    "reconcile": (
+        "enqueue the account's recordings whose callbacks never arrived (Twilio's REST API)",
+        RECONCILE,
+    ),
+    "numbers": ("map phone numbers to businesses, for reconcile", "DATABASE_URL"),
 }
 
 
@@ -75,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
     for name, (summary, reads) in COMMANDS.items():
-        settings = ", ".join(s for s in (reads, COMMON) if s)
+        names = ", ".join(s for s in (reads, COMMON) if s).split(", ")
+        settings = ", ".join(dict.fromkeys(names))  # run and dev read both lists
         commands[name] = sub.add_parser(
             name, help=summary, description=summary, epilog=f"Reads: {settings}."
         )
@@ -97,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="post here instead of STREAMREC_PUBLIC_URL (still signed over it)"
     )
     _dlq_parser(commands["dlq"])
+    _reconcile_parser(commands["reconcile"])
+    _numbers_parser(commands["numbers"])
     slots = commands["slots"].add_subparsers(dest="action", required=True, metavar="ACTION")
     slots.add_parser("list", help="per business: slots in use / limit, parked entries")
     limit = slots.add_parser("set", help="override one business's limit")
@@ -119,6 +142,36 @@ def _dlq_parser(dlq: argparse.ArgumentParser) -> None:
     purge = actions.add_parser("purge", help="delete dead letters (all, or the given ids)")
     purge.add_argument("ids", nargs="*", metavar="ID", help="only these dead-letter ids")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _reconcile_parser(parser: argparse.ArgumentParser) -> None:
+    window = parser.add_mutually_exclusive_group()
+    window.add_argument(
+        "--since", type=reconcile.parse_hours, metavar="SPAN",
+        help="recordings of the last SPAN (90m, 48h, 2d; default STREAMREC_RECONCILE_LOOKBACK_H)",
+    )  # fmt: skip
+    window.add_argument(
+        "--from", dest="first", type=date.fromisoformat, metavar="DATE",
+        help="from this GMT day (YYYY-MM-DD), whole days as Twilio filters",
+    )  # fmt: skip
+    parser.add_argument(
+        "--to", dest="last", type=date.fromisoformat, metavar="DATE",
+        help="to this GMT day, inclusive (with --from; default today)",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="count, enqueue nothing")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON document, unassigned recordings listed"
+    )
+
+
+def _numbers_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="map a number (E.164, +15551234567) to a business")
+    add.add_argument("number")
+    add.add_argument("business_id")
+    actions.add_parser("list", help="every number and its business")
+    remove = actions.add_parser("remove", help="forget a number")
+    remove.add_argument("number")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +198,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "simulate": _simulate,
         "dlq": _dlq,
         "slots": _slots,
+        "reconcile": _reconcile,
+        "numbers": _numbers,
     }
     if args.command in tools:
         return await tools[args.command](args, settings)
@@ -258,6 +313,54 @@ async def _slots(args: argparse.Namespace, settings: Settings) -> int:
     print(f"default limit {settings.business_slots or 'off'}")
     for row in rows:
         print(f"{row['business_id']:<36} {row['in_use']}/{row['limit']}  parked {row['parked']}")
+    return 0
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    if args.last is not None and args.first is None:
+        print("streamrec: --to needs --from", file=sys.stderr)
+        return 2
+    if args.first is not None:
+        window = reconcile.Window(args.first, args.last)
+    else:
+        window = reconcile.Window.since(args.since or settings.reconcile_lookback_h)
+    await store.migrate(settings.database_url)
+    async with (
+        service.open_redis(settings) as redis,
+        service.open_reconciler(settings, redis, Metrics()) as reconciler,
+    ):
+        outcome = await reconciler.run(window, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(outcome.summary(), indent=2))
+    else:
+        would = " (dry run: nothing enqueued)" if args.dry_run else ""
+        print(f"reconcile {window}: {outcome.line()}{would}")
+        for r in outcome.unassigned_recordings:
+            print(f"  unassigned {r['recording_sid']} call {r['call_sid']} to {r['to']}"
+                  f" from {r['from']} ({r['direction']}): {r['reason']}")  # fmt: skip
+    return 1 if outcome.error else 0
+
+
+async def _numbers(args: argparse.Namespace, settings: Settings) -> int:
+    await store.migrate(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if args.action == "add":
+            await numbers.add(conn, args.number, args.business_id)
+            print(f"{args.number} -> {args.business_id}")
+        elif args.action == "remove":
+            if not await numbers.remove(conn, args.number):
+                print(f"streamrec: {args.number} is not mapped", file=sys.stderr)
+                return 1
+            print(f"{args.number} removed")
+        else:
+            for number, business in (await numbers.mapping(conn)).items():
+                print(f"{number:<16} {business}")
+    except numbers.InvalidNumber as exc:
+        print(f"streamrec: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
     return 0
 
 

@@ -83,7 +83,9 @@ async def dev_media(settings: Settings) -> AsyncIterator[Settings]:
     try:
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        yield settings.model_copy(update={"twilio_api_base": f"http://127.0.0.1:{port}"})
+        # The development account has no REST API to reconcile against.
+        local = {"twilio_api_base": f"http://127.0.0.1:{port}", "reconcile_interval_s": 0.0}
+        yield settings.model_copy(update=local)
     finally:
         await runner.cleanup()
 

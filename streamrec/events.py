@@ -2,6 +2,8 @@
 
 Stream fields are plain strings so that ``redis-cli XRANGE`` shows them as they
 are. ``v`` is the schema version; a consumer rejects versions it does not know.
+A field added later (``origin``) is optional within version 1: an entry written
+before it existed reads as its default, and a consumer that predates it ignores it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ BUSINESS_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 Status = Literal["completed", "absent", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "absent", "failed"})
+Origin = Literal["webhook", "reconcile"]
+ORIGINS: frozenset[str] = frozenset({"webhook", "reconcile"})
 
 
 class InvalidEvent(ValueError):
@@ -40,6 +44,8 @@ class RecordingEvent:
     channels: int | None = None
     source: str = ""
     received_ms: int = 0
+    origin: Origin = "webhook"
+    """How it reached the stream: its callback, or the reconciler (the callback was lost)."""
 
     def to_fields(self) -> dict[str, str]:
         """Encode as stream fields: readable strings, empty for a missing value."""
@@ -59,6 +65,7 @@ class RecordingEvent:
             "channels", "" if self.channels is None else str(self.channels),
             "source", self.source,
             "received_ms", str(self.received_ms),
+            "origin", self.origin,
         ]  # fmt: skip
 
     @classmethod
@@ -82,6 +89,7 @@ class RecordingEvent:
                 channels=fields.get("channels", ""),
                 source=fields.get("source", ""),
                 received_ms=received_ms,
+                origin=fields.get("origin") or "webhook",
             )
         except KeyError as exc:
             raise InvalidEvent(f"missing field {exc.args[0]}") from None
@@ -99,6 +107,7 @@ class RecordingEvent:
         channels: str = "",
         source: str = "",
         received_ms: int | None = None,
+        origin: str = "webhook",
     ) -> RecordingEvent:
         """Validate raw strings (from a callback or the stream) into an event."""
         _check(RECORDING_SID, "RecordingSid", recording_sid)
@@ -107,6 +116,8 @@ class RecordingEvent:
         _check(BUSINESS_ID, "business_id", business_id)
         if status not in TERMINAL_STATUSES:
             raise InvalidEvent(f"RecordingStatus {status!r} is not terminal")
+        if origin not in ORIGINS:
+            raise InvalidEvent(f"origin {origin!r} is neither webhook nor reconcile")
         return cls(
             recording_sid=recording_sid,
             call_sid=call_sid,
@@ -117,6 +128,7 @@ class RecordingEvent:
             channels=_optional_int("RecordingChannels", channels),
             source=source[:64],
             received_ms=int(time.time() * 1000) if received_ms is None else received_ms,
+            origin=origin,  # type: ignore[arg-type]  # checked against ORIGINS
         )
 
 

@@ -93,3 +93,20 @@ class Keys:
     def slot_limits(self) -> str:
         """Hash of per-business slot limits overriding STREAMREC_BUSINESS_SLOTS."""
         return f"{self._tag}:slot-limits"
+
+    @property
+    def reconcile_lease(self) -> str:
+        """Lease (``SET NX PX``, renewed while running) of the consumer running a scheduled
+        reconcile: one run at a time across replicas; a crashed holder's lapses."""
+        return f"{self._tag}:reconcile:lease"
+
+    @property
+    def reconcile_next(self) -> str:
+        """Present (``PX`` one interval) from the claim of a scheduled reconcile until the
+        next one is due: one run per interval, whichever consumer claims it."""
+        return f"{self._tag}:reconcile:next"
+
+    @property
+    def reconcile_last(self) -> str:
+        """The last reconcile run's result (JSON), for ``status``."""
+        return f"{self._tag}:reconcile:last"

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RECONCILE_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 180, 600, 1800, 3600)
 
 
 class Metrics:
@@ -64,6 +65,28 @@ class Metrics:
                          registry=r)  # fmt: skip
         self.dead_letters = Gauge(
             "streamrec_dead_letters", "Entries in the dead-letter stream.", registry=r
+        )
+        self.reconcile_runs = Counter(
+            "streamrec_reconcile_runs", "Reconcile runs by this process, by outcome (ok, failed).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.reconcile_recordings = Counter(
+            "streamrec_reconcile_recordings",
+            "Recordings reconcile runs saw, by result (listed, known, enqueued, unassigned).",
+            ["result"],
+            registry=r,
+        )
+        self.reconcile_pages = Counter(
+            "streamrec_reconcile_pages", "Recordings list pages reconcile runs read.", registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "streamrec_reconcile_seconds", "Duration of reconcile runs.",
+            buckets=RECONCILE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.reconcile_last_success = Gauge(
+            "streamrec_reconcile_last_success_timestamp_seconds",
+            "When this process last finished a reconcile run without error (Unix time).",
+            registry=r,
         )
 
     @contextlib.contextmanager

@@ -20,13 +20,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from streamrec import health, store
+from streamrec import health, store, twilio_api
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics, metrics_app
 from streamrec.monitor import Monitor
 from streamrec.pipeline import RecordingPipeline
-from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
+from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
+from streamrec.reconcile import Reconciler, Schedule
 from streamrec.retry import RetryPolicy
 from streamrec.semaphore import Slots
 from streamrec.settings import Settings
@@ -130,8 +131,10 @@ async def consume(
 ) -> None:
     """Run one consumer of the recording pipeline until ``stop`` (or idle).
 
-    Beside it run its monitor (heartbeat, gauges, progress line) and, when
-    ``serve_metrics`` and ``STREAMREC_METRICS_PORT`` is not 0, a /metrics server.
+    Beside it run its monitor (heartbeat, gauges, progress line), the scheduled
+    reconcile (unless ``until_idle`` or ``STREAMREC_RECONCILE_INTERVAL_S`` is 0)
+    and, when ``serve_metrics`` and ``STREAMREC_METRICS_PORT`` is not 0, a
+    /metrics server.
     With ``check_redis``, a Redis before 7.0 is refused first (UnsupportedRedis).
     """
     await store.migrate(settings.database_url)
@@ -163,13 +166,71 @@ async def consume(
             await stack.enter_async_context(
                 _listening(metrics_app(metrics), settings.http_host, settings.metrics_port)
             )
+        schedule = None if until_idle else await _schedule(settings, stack, redis, metrics)
         monitor_stop = asyncio.Event()
         async with asyncio.TaskGroup() as group:
             group.create_task(monitor.run(monitor_stop))
+            if schedule is not None:
+                group.create_task(schedule.run(monitor_stop))
             try:
                 await consumer.run(stop, until_idle=until_idle)
             finally:
                 monitor_stop.set()
+
+
+@contextlib.asynccontextmanager
+async def open_reconciler(
+    settings: Settings, redis: aioredis.Redis, metrics: Metrics
+) -> AsyncIterator[Reconciler]:
+    """A reconciler with its own small pool and Twilio REST client, closed on exit.
+
+    It enqueues as the webhook does (same Enqueuer, confirmations included).
+    """
+    account_sid, auth_token = settings.twilio_credentials()
+    keys = Keys(settings.namespace)
+    async with contextlib.AsyncExitStack() as stack:
+        # Its own two connections: a run's queries never wait behind recordings' writes.
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=0, max_size=2, connection_class=store.PlainConnection
+        )
+        stack.push_async_callback(pool.close)
+        client = await stack.enter_async_context(
+            twilio_api.open_client(
+                api_base=settings.twilio_api_base, account_sid=account_sid, auth_token=auth_token
+            )
+        )
+        enqueuer = Enqueuer(
+            redis, keys, dedupe_ttl_s=settings.dedupe_ttl_s,
+            deadline_ms=settings.webhook_deadline_ms, replica_acks=settings.min_replica_acks,
+            wait_aof=settings.wait_aof,
+        )  # fmt: skip
+        yield Reconciler(
+            api=twilio_api.TwilioApi(client, timeout_s=settings.http_timeout_s),
+            pool=pool,
+            redis=redis,
+            keys=keys,
+            enqueuer=enqueuer,
+            default_business=settings.reconcile_default_business,
+            metrics=metrics,
+        )
+
+
+async def _schedule(
+    settings: Settings, stack: contextlib.AsyncExitStack, redis: aioredis.Redis, metrics: Metrics
+) -> Schedule | None:
+    """The scheduled reconcile beside the consumer (None when the interval is 0)."""
+    if not settings.reconcile_interval_s:
+        return None
+    reconciler = await stack.enter_async_context(open_reconciler(settings, redis, metrics))
+    name = settings.resolved_consumer_name
+    return Schedule(
+        redis=redis,
+        keys=Keys(settings.namespace),
+        name=name,
+        interval_s=settings.reconcile_interval_s,
+        lookback_h=settings.reconcile_lookback_h,
+        reconcile=lambda window: reconciler.run(window, by=name),
+    )
 
 
 async def _pipeline(
@@ -201,7 +262,11 @@ async def _pipeline(
         max_bytes=settings.media_max_bytes,
     )
     return RecordingPipeline(
-        store=store.Store(pool), media=media, transcriber=transcriber, metrics=metrics
+        store=store.Store(pool),
+        media=media,
+        transcriber=transcriber,
+        metrics=metrics,
+        delete_from_twilio=settings.delete_from_twilio,
     )
 
 
@@ -229,7 +294,8 @@ async def serve(
 
     PostgreSQL is not needed to accept callbacks; a pool that opens no
     connection until asked serves /readyz. With ``check_redis``, a Redis
-    before 7.0 is refused first (UnsupportedRedis).
+    before 7.0, or one that cannot confirm as configured (WAITAOF), is refused
+    first (UnsupportedRedis).
     """
     account_sid, auth_token = settings.twilio_credentials()
     config = WebhookConfig(
@@ -239,11 +305,19 @@ async def serve(
         keys=Keys(settings.namespace),
         dedupe_ttl_s=settings.dedupe_ttl_s,
         max_body_bytes=settings.max_body_bytes,
+        deadline_ms=settings.webhook_deadline_ms,
+        replica_acks=settings.min_replica_acks,
+        wait_aof=settings.wait_aof,
     )
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
         if check_redis:
-            await health.require_redis(redis, unreachable_ok=True)
+            await health.require_redis(
+                redis,
+                unreachable_ok=True,
+                replica_acks=settings.min_replica_acks,
+                wait_aof=settings.wait_aof,
+            )
         pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
         stack.push_async_callback(pool.close)
 
@@ -261,7 +335,10 @@ async def run_all(settings: Settings, stop: asyncio.Event) -> None:
     """The webhook and one consumer in this process, one /metrics; either failing stops both."""
     settings.twilio_credentials()
     async with open_redis(settings) as redis:
-        await health.require_redis(redis)  # once, before either starts
+        # Once, before either starts; the webhook's confirmations too.
+        await health.require_redis(
+            redis, replica_acks=settings.min_replica_acks, wait_aof=settings.wait_aof
+        )
     metrics = Metrics()
     async with asyncio.TaskGroup() as group:
         group.create_task(serve(settings, stop, metrics=metrics, check_redis=False))

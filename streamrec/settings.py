@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     transcribe_model: str = Field(
         "gpt-4o-mini-transcribe", validation_alias="STREAMREC_TRANSCRIBE_MODEL"
     )
+    delete_from_twilio: bool = Field(False, validation_alias="STREAMREC_DELETE_FROM_TWILIO")
     concurrency: int = Field(16, validation_alias="STREAMREC_CONCURRENCY", ge=1, le=10_000)
     claim_idle_ms: int = Field(60_000, validation_alias="STREAMREC_CLAIM_IDLE_MS", ge=100)
     max_deliveries: int = Field(5, validation_alias="STREAMREC_MAX_DELIVERIES", ge=1)
@@ -87,11 +88,28 @@ class Settings(BaseSettings):
     block_ms: int = Field(2_000, validation_alias="STREAMREC_BLOCK_MS", ge=1)
     max_body_bytes: int = Field(64 * 1024, validation_alias="STREAMREC_MAX_BODY_BYTES", ge=1024)
     dedupe_ttl_s: int = Field(7 * 24 * 3600, validation_alias="STREAMREC_DEDUPE_TTL_S", ge=60)
+    # Twilio waits 15 s in all for an answer, its retry included.
+    webhook_deadline_ms: int = Field(
+        5_000, validation_alias="STREAMREC_WEBHOOK_DEADLINE_MS", ge=100, le=15_000
+    )
+    min_replica_acks: int = Field(0, validation_alias="STREAMREC_MIN_REPLICA_ACKS", ge=0)
+    wait_aof: bool = Field(False, validation_alias="STREAMREC_WAIT_AOF")
     business_slots: int = Field(3, validation_alias="STREAMREC_BUSINESS_SLOTS", ge=0)
     slot_lease_ms: int | None = Field(None, validation_alias="STREAMREC_SLOT_LEASE_MS", ge=100)
     metrics_port: int = Field(9100, validation_alias="STREAMREC_METRICS_PORT", ge=0, le=65535)
     heartbeat_s: float = Field(5.0, validation_alias="STREAMREC_HEARTBEAT_S", gt=0)
     progress_s: float = Field(30.0, validation_alias="STREAMREC_PROGRESS_S", ge=0)
+    reconcile_interval_s: float = Field(
+        300.0, validation_alias="STREAMREC_RECONCILE_INTERVAL_S", ge=0
+    )
+    reconcile_lookback_h: float = Field(
+        48.0, validation_alias="STREAMREC_RECONCILE_LOOKBACK_H", gt=0
+    )
+    reconcile_default_business: str | None = Field(
+        None,
+        validation_alias="STREAMREC_RECONCILE_DEFAULT_BUSINESS",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+    )
     namespace: str = Field(
         "streamrec", validation_alias="STREAMREC_NAMESPACE", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
     )

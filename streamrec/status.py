@@ -1,9 +1,10 @@
 """A read-only summary of the stream, its group, consumers, dead letters and server.
 
-Only reads (XINFO, XPENDING, XLEN, the consumer registry, INFO, CONFIG GET), so
-it never disturbs a live system. The consumers' heartbeats come from the
-registry the monitor keeps, in one round trip: no SCAN of a keyspace that
-holds a dedupe marker per recording of the last days.
+Only reads (XINFO, XPENDING, XLEN, the consumer registry, the last reconcile
+run's result, INFO, CONFIG GET), so it never disturbs a live system. The
+consumers' heartbeats come from the registry the monitor keeps, in one round
+trip: no SCAN of a keyspace that holds a dedupe marker per recording of the
+last days.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ MIN_VERSION = (7, 0)  # XAUTOCLAIM's reply with its third part (deleted ids)
 async def collect(
     redis: aioredis.Redis, keys: Keys, *, detail: bool = True, default_slots: int = 0
 ) -> dict[str, Any]:
-    """The status document: stream length, lag, pending, consumers, dead letters, slots.
+    """The status document: stream length, lag, pending, consumers, dead letters, slots,
+    and the last reconcile run (None before the first).
 
     ``detail=False`` skips the per-consumer and per-business parts (what the
     consumer's own monitor samples every few seconds). ``default_slots`` is the
@@ -36,7 +38,8 @@ async def collect(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.stream)
         pipe.xlen(keys.dead)
-        length, dead = await pipe.execute()
+        pipe.get(keys.reconcile_last)
+        length, dead, reconciled = await pipe.execute()
     report: dict[str, Any] = {
         "stream": keys.stream,
         "group": keys.group,
@@ -51,6 +54,7 @@ async def collect(
         "businesses": [],
         "redis": None,
         "warnings": [],
+        "reconcile": _last_run(reconciled),
         "collected_at_ms": now_ms,
     }
     group = await _group(redis, keys)
@@ -70,6 +74,14 @@ async def collect(
         report["consumers"] = await _consumers(redis, keys, group is not None, now_ms)
         report["businesses"] = await semaphore.picture(redis, keys, default_limit=default_slots)
     return report
+
+
+def _last_run(raw: str | None) -> dict[str, Any] | None:
+    """The last reconcile run's result as the reconciler kept it (None: none, or unreadable)."""
+    try:
+        return dict(json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        return None
 
 
 async def _group(redis: aioredis.Redis, keys: Keys) -> dict[str, Any] | None:
@@ -211,6 +223,8 @@ def render(report: dict[str, Any]) -> str:
             )
     else:
         lines.append("  no consumers")
+    now_ms = report.get("collected_at_ms") or int(time.time() * 1000)
+    lines.append(_reconcile_line(report.get("reconcile"), now_ms))
     if report.get("businesses"):
         lines.append("  businesses (slots in use / limit, parked):")
         for b in report["businesses"]:
@@ -218,6 +232,18 @@ def render(report: dict[str, Any]) -> str:
                 f"    {b['business_id']:<36} {b['in_use']}/{b['limit']}  parked {b['parked']}"
             )
     return "\n".join(lines)
+
+
+def _reconcile_line(last: dict[str, Any] | None, now_ms: int) -> str:
+    if last is None:
+        return "  reconcile: no run yet"
+    figures = (
+        f"listed {last['listed']}  known {last['known']}  enqueued {last['enqueued']}"
+        f"  unassigned {last['unassigned']}  pages {last['pages']}  {last['seconds']:.1f}s"
+    )
+    ago = _age(max(now_ms - int(last["started_ms"]), 0))
+    result = f"FAILED: {last['error']}" if last.get("error") else figures
+    return f"  reconcile: last run {ago} ago by {last['by']} over {last['window']}: {result}"
 
 
 def _age(ms: int | None) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -53,6 +54,8 @@ class Progress:
     audio_path: str | None
     audio_bytes: int | None
     transcript: str | None
+    deleted_at: datetime | None = None
+    """When the delete stage found the recording gone from Twilio (None: not yet)."""
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -147,15 +150,17 @@ WRITE_STAGES = """
 INSERT INTO recordings AS r
     (recording_sid, call_sid, account_sid, business_id, status, duration_s,
      attempts, entry_id, audio_path, audio_bytes, downloaded_at,
-     transcript, transcript_model, transcribed_at, completed_at)
+     transcript, transcript_model, transcribed_at, completed_at, origin)
 SELECT sid, call, account, business, status, duration, attempts, entry, path, size, now(),
        transcript, model,
        CASE WHEN transcript IS NULL THEN NULL ELSE now() END,
-       CASE WHEN status = 'completed' THEN now() END
+       CASE WHEN status = 'completed' THEN now() END,
+       origin
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-            $7::int[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[])
+            $7::int[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[],
+            $13::text[])
      AS t(sid, call, account, business, status, duration, attempts, entry, path, size,
-          transcript, model)
+          transcript, model, origin)
 ON CONFLICT (recording_sid) DO UPDATE SET
     status = CASE WHEN r.status = 'completed' THEN r.status ELSE EXCLUDED.status END,
     attempts = GREATEST(r.attempts, EXCLUDED.attempts),
@@ -173,13 +178,13 @@ ON CONFLICT (recording_sid) DO UPDATE SET
 
 
 def _columns(stages: Iterable[Stage]) -> list[list[Any]]:
-    """The twelve array arguments of WRITE_STAGES for ``stages`` (one row each)."""
-    columns: list[list[Any]] = [[] for _ in range(12)]
+    """The thirteen array arguments of WRITE_STAGES for ``stages`` (one row each)."""
+    columns: list[list[Any]] = [[] for _ in range(13)]
     for st in stages:
         e = st.event
         values = (e.recording_sid, e.call_sid, e.account_sid, e.business_id, st.status,
                   e.duration_s, st.attempts, st.entry_id, st.path, st.size, st.transcript,
-                  st.model)  # fmt: skip
+                  st.model, e.origin)  # fmt: skip
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     return columns
@@ -189,7 +194,8 @@ class Store:
     """The recordings table, over an asyncpg pool owned by the caller.
 
     A recording costs one read and one write when transcription is off (one
-    more write, the download, when it is on). Reads and writes of recordings
+    more write, the download, when it is on; one more, the delete checkpoint,
+    when recordings are deleted from Twilio). Reads and writes of recordings
     in flight together share round trips and commits; a batched write that
     fails while the database answers is retried row by row, so a bad row fails
     alone. Every method raises ``Unavailable`` when the database cannot be
@@ -201,6 +207,7 @@ class Store:
         self._pool = pool
         self._reads: Batcher[str, Progress | None] = Batcher(self._read)
         self._writes: Batcher[Stage, None] = Batcher(self._write)
+        self._deletes: Batcher[str, None] = Batcher(self._mark_deleted)
 
     @contextlib.asynccontextmanager
     async def _sorted_errors(self) -> AsyncIterator[None]:
@@ -232,16 +239,24 @@ class Store:
         # fails for the database's sake, never for one sid's.
         async with self._sorted_errors():
             rows = await self._pool.fetch(
-                "SELECT recording_sid, status, audio_path, audio_bytes, transcript"
+                "SELECT recording_sid, status, audio_path, audio_bytes, transcript, deleted_at"
                 " FROM recordings WHERE recording_sid = ANY($1::text[])",
                 sids,
             )
         found = {
             r["recording_sid"]: Progress(r["status"], r["audio_path"], r["audio_bytes"],
-                                         r["transcript"])
+                                         r["transcript"], r["deleted_at"])
             for r in rows
         }  # fmt: skip
         return [found.get(sid) for sid in sids]
+
+    async def known(self, sids: list[str]) -> set[str]:
+        """Which of ``sids`` have a row, in one query (the reconciler asks once per page)."""
+        async with self._sorted_errors():
+            rows = await self._pool.fetch(
+                "SELECT recording_sid FROM recordings WHERE recording_sid = ANY($1::text[])", sids
+            )
+        return {r["recording_sid"] for r in rows}
 
     async def downloaded(
         self, event: RecordingEvent, *, entry_id: str, attempts: int, path: str, size: int
@@ -302,8 +317,8 @@ class Store:
                 """
                 INSERT INTO recordings AS r
                     (recording_sid, call_sid, account_sid, business_id, status, duration_s,
-                     attempts, entry_id, error, completed_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())
+                     attempts, entry_id, error, completed_at, origin)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)
                 ON CONFLICT (recording_sid) DO UPDATE SET
                     attempts = GREATEST(r.attempts, EXCLUDED.attempts), updated_at = now()
                 """,
@@ -316,6 +331,7 @@ class Store:
                 attempts,
                 entry_id,
                 f"Twilio reported the recording {event.status}",
+                event.origin,
             )
 
     async def failed(
@@ -327,8 +343,8 @@ class Store:
                 """
                 INSERT INTO recordings AS r
                     (recording_sid, call_sid, account_sid, business_id, status, duration_s,
-                     attempts, entry_id, error)
-                VALUES ($1, $2, $3, $4, 'failed', $5, $6, $7, $8)
+                     attempts, entry_id, error, origin)
+                VALUES ($1, $2, $3, $4, 'failed', $5, $6, $7, $8, $9)
                 ON CONFLICT (recording_sid) DO UPDATE SET
                     status = CASE WHEN r.status = 'completed' THEN r.status ELSE 'failed' END,
                     error = CASE WHEN r.status = 'completed' THEN r.error ELSE EXCLUDED.error END,
@@ -342,5 +358,34 @@ class Store:
                 event.duration_s,
                 attempts,
                 entry_id,
+                error,
+                event.origin,
+            )
+
+    async def deleted(self, recording_sid: str) -> None:
+        """Commit the delete stage: the recording is gone from Twilio (``deleted_at``).
+
+        Clears the error of an earlier delete that was refused: on a completed
+        row it can only be that one.
+        """
+        await self._deletes.submit(recording_sid)
+
+    async def _mark_deleted(self, sids: list[str]) -> list[None]:
+        # One error for the whole batch, as in _read: the statement takes no data to refuse.
+        async with self._sorted_errors():
+            await self._pool.execute(
+                "UPDATE recordings SET deleted_at = COALESCE(deleted_at, now()), error = NULL,"
+                " updated_at = now() WHERE recording_sid = ANY($1::text[])",
+                sids,
+            )
+        return [None] * len(sids)
+
+    async def not_deleted(self, recording_sid: str, *, error: str) -> None:
+        """Record why a completed recording stays on Twilio (its delete was refused for good)."""
+        async with self._sorted_errors():
+            await self._pool.execute(
+                "UPDATE recordings SET error = $2, updated_at = now()"
+                " WHERE recording_sid = $1 AND deleted_at IS NULL",
+                recording_sid,
                 error,
             )

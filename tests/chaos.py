@@ -1,10 +1,15 @@
 """The chaos run: signed callbacks through real processes while things get killed.
 
-Sends signed RecordingStatusCallbacks (some twice, as Twilio retries do) to a
-``serve`` process, through several ``consume`` processes. Once every consumer
-is at work it SIGKILLs a random consumer every few seconds (starting a new one),
-SIGKILLs Redis once (AOF on) and restarts it, and stops PostgreSQL for a while;
-a consumer that exits on its own is replaced, as compose's restart policy would.
+Sends signed RecordingStatusCallbacks (some twice, as Twilio's duplicates) to a
+``serve`` process, through several ``consume`` processes, the way Twilio sends
+them: one retry when the connection fails, none after an answer, so a callback
+that meets an outage is lost at the edge (``tests/edge.py``). Each recording
+joins the Twilio stand-in's Recordings list as its callback is sent, and the
+consumers' scheduled reconciler brings in those whose callbacks were lost. Once
+every consumer is at work it SIGKILLs a random consumer every few seconds
+(starting a new one), SIGKILLs Redis once (AOF on) and restarts it, stops
+PostgreSQL for a while, and stops ``serve`` for a while (a webhook outage); a
+consumer that exits on its own is replaced, as compose's restart policy would.
 Then it checks what came out: each recording enqueued once and completed,
 downloaded and transcribed once plus once per consumer kill that caught it in
 work, nothing left pending or parked, and no business ever with more recordings
@@ -20,10 +25,9 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +37,15 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from streamrec import store
-from streamrec.devservers import LocalPostgres, LocalRedis, free_port
+from streamrec import numbers, store
+from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
-from streamrec.producer import WEBHOOK_PATH
 from streamrec.service import redis_client
 from streamrec.settings import Settings
 from tests.chaos_report import ChaosReport
-from tests.processes import environment, spawn_consumer
-from tests.standins import (
-    ACCOUNT_SID,
-    AUTH_TOKEN,
-    MediaStandIn,
-    OpenAIStandIn,
-    callback_params,
-    sign,
-)
+from tests.edge import Callbacks, Webhook, number_of
+from tests.processes import spawn_consumer
+from tests.standins import ACCOUNT_SID, AUTH_TOKEN, MediaStandIn, OpenAIStandIn, callback_params
 
 
 @dataclass
@@ -65,6 +62,13 @@ class ChaosConfig:
     redis_kill_after_s: float = 4.0
     postgres_stop_after_s: float = 8.0
     postgres_down_s: float = 10.0
+    webhook_outage_after_s: float = 12.0
+    webhook_outage_s: float = 5.0
+    give_up_s: float = 15.0
+    """How long Twilio tries one callback (its ``tt``)."""
+    retry_pause_s: float = 0.5
+    """Twilio's pause before its one retry of a callback whose connection failed."""
+    reconcile_interval_s: float = 2.0
     claim_idle_ms: int = 2_000
     slot_lease_ms: int = 2_000
     send_rate: float = 100.0
@@ -89,13 +93,11 @@ class Chaos:
         self.media = MediaStandIn()
         self.openai = OpenAIStandIn()
         self.consumers: dict[str, subprocess.Popen[bytes]] = {}
-        self.serve: subprocess.Popen[bytes] | None = None
+        self.webhook: Webhook | None = None
+        self.callbacks: Callbacks | None = None
         self.settings: Settings | None = None
-        self.port = free_port()
         self._serial = 0
         self.sids: list[str] = []
-        self.queued: Counter[str] = Counter()
-        """Per RecordingSid, the webhook's answers that said "queued"."""
         self.cuts: defaultdict[str, list[float]] = defaultdict(list)
         """Per RecordingSid, when each consumer kill that caught it in work was noted."""
 
@@ -130,15 +132,29 @@ class Chaos:
             shutdown_grace_s=5,
             metrics_port=0,
             heartbeat_s=1,
+            reconcile_interval_s=self.config.reconcile_interval_s,
             _env_file=None,
         )
+        conn = await asyncpg.connect(database)
+        try:
+            for n in range(self.config.businesses):
+                await numbers.add(conn, number_of(f"b{n}"), f"b{n}")
+        finally:
+            await conn.close()
+        self.webhook = Webhook(self.settings, self.directory)
+        self.callbacks = Callbacks(
+            self.webhook, self.media,
+            give_up_s=self.config.give_up_s, pause_s=self.config.retry_pause_s,
+        )  # fmt: skip
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for proc in [*self.consumers.values(), *([self.serve] if self.serve else [])]:
+        for proc in self.consumers.values():
             if proc.poll() is None:
                 proc.kill()
             await asyncio.to_thread(proc.wait)
+        if self.webhook is not None:
+            await asyncio.to_thread(self.webhook.kill)
         await self.media.close()
         await self.openai.close()
         await asyncio.to_thread(self.redis_server.stop)
@@ -150,40 +166,11 @@ class Chaos:
         self._serial += 1
         self.consumers[name] = spawn_consumer(self.settings, name, self.directory)
 
-    def _launch_serve(self) -> None:
-        assert self.settings is not None
-        env = environment(
-            self.settings,
-            STREAMREC_HTTP_HOST="127.0.0.1",
-            STREAMREC_HTTP_PORT=str(self.port),
-            STREAMREC_PUBLIC_URL=self._base,
-        )
-        log = (self.directory / "serve.log").open("ab")
-        self.serve = subprocess.Popen(
-            [sys.executable, "-m", "streamrec", "serve"],
-            env=env, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    async def _start_serve(self) -> None:
-        self._launch_serve()
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(self._base + "/healthz") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise RuntimeError("serve did not come up")
-
-    @property
-    def _base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def run(self) -> ChaosReport:
         """Run the whole scenario and return the report."""
         started = time.monotonic()
-        await self._start_serve()
+        assert self.webhook is not None
+        await self.webhook.start()
         for _ in range(self.config.consumers):
             self._spawn()
         redis = redis_client(self.redis_server.url)
@@ -191,7 +178,9 @@ class Chaos:
             sender = asyncio.create_task(self._send_all())
             await self._until_at_work(redis, started)
             violence = asyncio.create_task(self._violence(redis, sender))
+            outage = asyncio.create_task(self._webhook_outage())
             await asyncio.wait_for(sender, self.config.timeout_s)
+            await outage
             await self._until_drained(redis, started)
             violence.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,59 +203,24 @@ class Chaos:
         raise RuntimeError("the consumers never got to work")
 
     async def _send_all(self) -> None:
-        """Post every callback until it is accepted, like Twilio retrying on errors."""
+        """Send every callback (a share twice) at the configured rate, each as Twilio would."""
+        assert self.callbacks is not None
         sids = self.sids = [
             callback_params()["RecordingSid"] for _ in range(self.config.recordings)
         ]
         sends = list(sids) + self.random.sample(sids, int(len(sids) * self.config.duplicate_share))
         self.random.shuffle(sends)
         business = {sid: f"b{n % self.config.businesses}" for n, sid in enumerate(sids)}
-        for sid, name in business.items():
-            self.media.business_of[sid] = name
+        self.media.business_of.update(business)
         params = {sid: callback_params(sid) for sid in sids}
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.report.unique = len(sids)
-        senders = 16
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            workers = [
-                asyncio.create_task(self._sender(session, queue, params, business))
-                for _ in range(senders)
-            ]
+        connector = aiohttp.TCPConnector(limit=256)
+        async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as tg:
             for sid in sends:
-                queue.put_nowait(sid)
+                tg.create_task(self.callbacks.send(session, params[sid], business[sid]))
+                self.report.sent += 1
                 if self.config.send_rate:
                     await asyncio.sleep(1 / self.config.send_rate)  # pacing the load
-            for _ in range(senders):
-                queue.put_nowait(None)
-            await asyncio.gather(*workers)
-
-    async def _sender(
-        self,
-        session: aiohttp.ClientSession,
-        queue: asyncio.Queue[str | None],
-        params: dict[str, dict[str, str]],
-        business: dict[str, str],
-    ) -> None:
-        while (sid := await queue.get()) is not None:
-            path = f"{WEBHOOK_PATH}?business_id={business[sid]}"
-            headers = {"X-Twilio-Signature": sign(self._base + path, params[sid])}
-            delay = 0.05
-            while True:
-                try:
-                    async with session.post(
-                        self._base + path, data=params[sid], headers=headers
-                    ) as response:
-                        if response.status == 200:
-                            answer = await response.json()
-                            break
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                self.report.webhook_retries += 1
-                await asyncio.sleep(delay)  # Twilio's retry interval, shortened
-                delay = min(delay * 2, 1.0)
-            self.report.sent += 1
-            if answer["status"] == "queued":
-                self.queued[sid] += 1
 
     async def _violence(self, redis: aioredis.Redis, sender: asyncio.Task[None]) -> None:
         """Kill consumers on a schedule; kill Redis once; stop PostgreSQL once."""
@@ -292,6 +246,15 @@ class Chaos:
                 await self._kill_a_consumer(redis)
             self._restart_exited()
             await asyncio.sleep(0.05)
+
+    async def _webhook_outage(self) -> None:
+        """Stop serve for a while, once: the callbacks that meet the outage are lost at the edge."""
+        assert self.webhook is not None
+        await asyncio.sleep(self.config.webhook_outage_after_s)  # the violence's schedule
+        await self.webhook.stop()
+        self.report.webhook_outages += 1
+        await asyncio.sleep(self.config.webhook_outage_s)  # the outage being simulated
+        await self.webhook.start()
 
     def _restart_exited(self) -> None:
         """Replace consumers that exited on their own, as compose's restart policy would."""
@@ -359,6 +322,16 @@ class Chaos:
                     return
             await asyncio.sleep(0.2)
 
+    async def _origins(self) -> dict[str, str]:
+        """Each row's origin: webhook, or reconcile (its callback was lost)."""
+        assert self.settings is not None
+        conn = await asyncpg.connect(self.settings.database_url)
+        try:
+            rows = await conn.fetch("SELECT recording_sid, origin FROM recordings")
+        finally:
+            await conn.close()
+        return {r["recording_sid"]: r["origin"] for r in rows}
+
     async def _completed(self) -> int:
         assert self.settings is not None
         conn = await asyncpg.connect(self.settings.database_url)
@@ -373,7 +346,17 @@ class Chaos:
         report = self.report
         report.completed = await self._completed()
         report.lost = report.unique - report.completed
-        report.queued_not_once = sum(1 for sid in self.sids if self.queued[sid] != 1)
+        assert self.callbacks is not None
+        origins = await self._origins()
+        reconciled = {sid for sid, origin in origins.items() if origin == "reconcile"}
+        report.reconciled = len(reconciled)
+        report.lost_at_edge = self.callbacks.lost_at_edge(self.sids)
+        report.callbacks_given_up = self.callbacks.given_up
+        # Enqueued twice: answered "queued" twice, or answered "queued" and reconciled too.
+        queued = self.callbacks.queued
+        report.queued_not_once = sum(
+            1 for sid in self.sids if queued[sid] + (sid in reconciled) > 1
+        )
         report.dead_letters = int(await redis.xlen(self.keys.dead))
         report.pending = int((await redis.xpending(self.keys.stream, self.keys.group))["pending"])
         for n in range(self.config.businesses):

@@ -23,8 +23,14 @@ class ChaosReport:
 
     sent: int = 0
     unique: int = 0
+    callbacks_given_up: int = 0
+    """Callbacks Twilio would have given up on: no 2xx after its one retry."""
+    lost_at_edge: int = 0
+    """Recordings none of whose callbacks got a 2xx: without the reconciler, lost for good."""
+    reconciled: int = 0
+    """Recordings the scheduled reconciler enqueued (their rows say origin reconcile)."""
     queued_not_once: int = 0
-    """Recordings whose callbacks were not answered "queued" exactly once."""
+    """Recordings enqueued more than once: answered "queued" twice, or also reconciled."""
     completed: int = 0
     lost: int = 0
     dead_letters: int = 0
@@ -41,6 +47,7 @@ class ChaosReport:
     """Consumers that exited on their own (a dependency down as they started) and were replaced."""
     redis_kills: int = 0
     postgres_stops: int = 0
+    webhook_outages: int = 0
     longest_reclaim_s: float = 0.0
     pending: int = 0
     parked: int = 0
@@ -48,7 +55,6 @@ class ChaosReport:
     """Most recordings of one business in work at once (first media request to last answer)."""
     slot_limit: int = 0
     seconds: float = 0.0
-    webhook_retries: int = 0
     reclaim_times: list[float] = field(default_factory=list)
 
     @property

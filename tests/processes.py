@@ -29,6 +29,9 @@ ENV_OF = {
     "heartbeat_s": "STREAMREC_HEARTBEAT_S",
     "business_slots": "STREAMREC_BUSINESS_SLOTS",
     "slot_lease_ms": "STREAMREC_SLOT_LEASE_MS",
+    "reconcile_interval_s": "STREAMREC_RECONCILE_INTERVAL_S",
+    "reconcile_lookback_h": "STREAMREC_RECONCILE_LOOKBACK_H",
+    "reconcile_default_business": "STREAMREC_RECONCILE_DEFAULT_BUSINESS",
 }
 
 

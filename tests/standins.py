@@ -2,9 +2,12 @@
 
 ``MediaStandIn`` serves ``GET /2010-04-01/Accounts/{AccountSid}/Recordings/{Sid}.mp3``
 behind HTTP Basic auth and, like Twilio right after a callback, answers 404 for
-the first requests of each recording. ``OpenAIStandIn`` serves
-``POST /v1/audio/transcriptions`` (multipart, Bearer auth) and answers as OpenAI
-does, errors included, so the real ``openai`` SDK drives it.
+the first requests of each recording; ``DELETE .../Recordings/{Sid}.json``
+answers 204, then 404 (and so does the media) once the recording is deleted;
+the Recordings list and the Calls resource are ``tests/twilio_rest.py``'s.
+``OpenAIStandIn`` serves ``POST /v1/audio/transcriptions`` (multipart, Bearer
+auth) and answers as OpenAI does, errors included, so the real ``openai`` SDK
+drives it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import contextlib
 import secrets
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from twilio.request_validator import RequestValidator
@@ -25,6 +29,7 @@ from twilio.request_validator import RequestValidator
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
 from streamrec.producer import Enqueuer
+from tests.twilio_rest import RestResources
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -95,6 +100,38 @@ def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
     return str(RequestValidator(token).compute_signature(url, params))
 
 
+async def post_like_twilio(
+    session: aiohttp.ClientSession,
+    url: str,
+    params: dict[str, str],
+    *,
+    signed_url: str | None = None,
+    total_s: float = 15.0,
+    pause_s: float = 0.0,
+) -> dict[str, Any] | None:
+    """POST a status callback as Twilio does by default; the 2xx's JSON, or None: given up.
+
+    Twilio's defaults (its connection overrides): one retry (``rc=1``), only
+    when the connection cannot be made (``rp=ct``), all within ``total_s``
+    (``tt``, 15 s). Any other answer, a 503 included, ends it with no retry;
+    ``pause_s`` is the wait before the retry. The signature is over
+    ``signed_url`` (default ``url``).
+    """
+    headers = {"X-Twilio-Signature": sign(signed_url or url, params)}
+    deadline = asyncio.get_running_loop().time() + total_s
+    for attempt in range(2):
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with session.post(url, data=params, headers=headers) as response:
+                    return dict(await response.json()) if response.status < 300 else None
+        except aiohttp.ClientConnectorError:
+            if attempt == 0:
+                await asyncio.sleep(pause_s)  # Twilio's pause before its retry
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+    return None
+
+
 Span = tuple[float, float]
 """When a stand-in began and finished answering one request (``time.monotonic``)."""
 
@@ -132,6 +169,7 @@ class MediaStandIn(_Server):
     def __init__(self, *, not_ready: int = 1) -> None:
         app = web.Application()
         app.router.add_get("/2010-04-01/Accounts/{account}/Recordings/{name}", self._recording)
+        app.router.add_delete("/2010-04-01/Accounts/{account}/Recordings/{name}", self._delete)
         super().__init__(app)
         self.not_ready = not_ready
         """How many requests of each recording get Twilio's early 404."""
@@ -153,9 +191,26 @@ class MediaStandIn(_Server):
         """RecordingSids in the order their downloads began."""
         self.spans: defaultdict[str, list[Span]] = defaultdict(list)
         """Per RecordingSid, each request answered (early 404s included)."""
+        self.deleted: set[str] = set()
+        """Recordings deleted: their media and deletes answer 404; listings leave them out."""
+        self.deletes: Counter[str] = Counter()
+        """Per RecordingSid, the deletes that took effect (answered 204)."""
+        self.delete_requests: Counter[str] = Counter()
+        self.delete_status_for: dict[str, int] = {}
+        self.delete_gate: asyncio.Event | None = None
+        self.delete_hold: set[str] | None = None
+        """With a delete gate: the recordings whose deletes wait at it (None: all)."""
+        self.delete_waiting: Counter[str] = Counter()
+        self.on_delete: Callable[[str], Awaitable[None]] | None = None
+        """Awaited as a delete takes effect, with its RecordingSid: a test's look at that moment."""
         self._expected = (
             "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
         )
+        self.rest = RestResources(
+            account_sid=ACCOUNT_SID, authorization=self._expected, deleted=self.deleted
+        )
+        """The Recordings list and the Calls resource (see tests/twilio_rest.py)."""
+        self.rest.route(app)
 
     async def _recording(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != self._expected:
@@ -169,6 +224,8 @@ class MediaStandIn(_Server):
             return await self._answer(sid)
 
     async def _answer(self, sid: str) -> web.StreamResponse:
+        if sid in self.deleted:
+            return web.json_response({"code": 20404, "message": "not found"}, status=404)
         if sid in self.status_for:
             return web.json_response({"message": "injected"}, status=self.status_for[sid])
         if self.requests[sid] <= self.not_ready:
@@ -188,6 +245,31 @@ class MediaStandIn(_Server):
         finally:
             self.in_flight[sid] -= 1
             self.busy[business] -= 1
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != self._expected:
+            self.unauthorized += 1
+            return web.json_response({"code": 20003, "message": "Authenticate"}, status=401)
+        sid, _, ext = request.match_info["name"].partition(".")
+        if request.match_info["account"] != ACCOUNT_SID or ext != "json":
+            return web.json_response({"code": 20404, "message": "not found"}, status=404)
+        self.delete_requests[sid] += 1
+        return await self._take_delete(sid)
+
+    async def _take_delete(self, sid: str) -> web.StreamResponse:
+        """Twilio's answer to a delete: every recording exists (as for its media) until deleted."""
+        if sid in self.delete_status_for:
+            return web.json_response({"message": "injected"}, status=self.delete_status_for[sid])
+        if self.delete_gate is not None and (self.delete_hold is None or sid in self.delete_hold):
+            self.delete_waiting[sid] += 1
+            await self.delete_gate.wait()
+        if sid in self.deleted:
+            return web.json_response({"code": 20404, "message": "not found"}, status=404)
+        if self.on_delete is not None:
+            await self.on_delete(sid)
+        self.deleted.add(sid)
+        self.deletes[sid] += 1
+        return web.Response(status=204)
 
 
 class OpenAIStandIn(_Server):

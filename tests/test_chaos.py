@@ -1,4 +1,5 @@
-"""The chaos run, short form (a few hundred recordings, each kind of kill), and its accounting."""
+"""The chaos run, short form (a few hundred recordings, each kind of kill and outage), and its
+accounting."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from tests.chaos_report import peak, work_intervals
 async def test_nothing_is_lost_when_everything_is_killed_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """SIGKILL a consumer, SIGKILL Redis, stop PostgreSQL: each recording is done once, in slots."""
-    # Once: enqueued once however often its callback came; downloaded and
-    # transcribed once, plus once per consumer kill that caught it in work.
+    """Kill a consumer, Redis, PostgreSQL, the webhook: each recording is done once, in slots."""
+    # Once: enqueued once however often its callback came, by webhook or
+    # reconciler; downloaded and transcribed once, plus once per consumer kill
+    # that caught it in work. Callbacks Twilio gave up on (the webhook down)
+    # are brought in by the scheduled reconciler.
     config = ChaosConfig(
         recordings=300,
         send_rate=60,
@@ -23,6 +26,10 @@ async def test_nothing_is_lost_when_everything_is_killed_once(
         redis_kill_after_s=1.0,
         postgres_stop_after_s=2.0,
         postgres_down_s=2.0,
+        webhook_outage_after_s=1.0,
+        webhook_outage_s=1.0,
+        retry_pause_s=0.2,
+        reconcile_interval_s=1.0,
         timeout_s=240,
     )
     report = await run(config)
@@ -31,6 +38,9 @@ async def test_nothing_is_lost_when_everything_is_killed_once(
     assert report.consumer_kills == 2
     assert report.redis_kills == 1
     assert report.postgres_stops == 1
+    assert report.webhook_outages == 1
+    assert report.lost_at_edge > 0
+    assert report.reconciled > 0
     assert report.queued_not_once == 0
     assert report.lost == 0
     assert report.dead_letters == 0

@@ -148,3 +148,30 @@ def test_non_terminal_status_is_rejected(status: str) -> None:
 def test_terminal_statuses_make_events(status: str) -> None:
     """completed, absent and failed are accepted as they are."""
     assert create(status=status).status == status
+
+
+def test_origin_round_trips() -> None:
+    """A reconciled event says so in its fields and reads back as reconciled."""
+    event = RecordingEvent.create(
+        recording_sid=recording_sid(),
+        call_sid=call_sid(),
+        account_sid=ACCOUNT_SID,
+        business_id="7",
+        status="absent",
+        origin="reconcile",
+    )
+    assert event.to_fields()["origin"] == "reconcile"
+    assert RecordingEvent.from_fields(event.to_fields()).origin == "reconcile"
+
+
+def test_entry_written_before_origin_existed_reads_as_webhook() -> None:
+    """An entry without ``origin`` (written by an earlier version) is still read, as a webhook's."""
+    encoded = fields()
+    del encoded["origin"]
+    assert RecordingEvent.from_fields(encoded).origin == "webhook"
+
+
+def test_unknown_origin_is_rejected() -> None:
+    """An origin other than webhook or reconcile is rejected, naming the field."""
+    with pytest.raises(InvalidEvent, match="origin"):
+        RecordingEvent.from_fields(fields(origin="carrier-pigeon"))

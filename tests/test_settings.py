@@ -24,6 +24,13 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "STREAMREC_CONCURRENCY": ("concurrency", 16),
     "STREAMREC_CLAIM_IDLE_MS": ("claim_idle_ms", 60_000),
     "STREAMREC_MAX_DELIVERIES": ("max_deliveries", 5),
+    "STREAMREC_DELETE_FROM_TWILIO": ("delete_from_twilio", False),
+    "STREAMREC_WEBHOOK_DEADLINE_MS": ("webhook_deadline_ms", 5000),
+    "STREAMREC_MIN_REPLICA_ACKS": ("min_replica_acks", 0),
+    "STREAMREC_WAIT_AOF": ("wait_aof", False),
+    "STREAMREC_RECONCILE_INTERVAL_S": ("reconcile_interval_s", 300),
+    "STREAMREC_RECONCILE_LOOKBACK_H": ("reconcile_lookback_h", 48),
+    "STREAMREC_RECONCILE_DEFAULT_BUSINESS": ("reconcile_default_business", None),
 }
 
 # A non-default value of each variable: variable -> (raw value, field, parsed value).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -229,3 +230,31 @@ async def test_an_unreachable_database_is_unavailable() -> None:
             await records.failed(recording, entry_id="1-0", error="x")
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("stage", ["downloaded", "completed", "terminal", "failed"])
+async def test_a_row_says_where_its_entry_came_from(db: Any, stage: str) -> None:
+    """Whichever stage creates the row, it records the event's origin (webhook by default)."""
+    records = Store(db)
+    for origin in ("webhook", "reconcile"):
+        e = dataclasses.replace(event("absent" if stage == "terminal" else "completed"),
+                                origin=origin)  # fmt: skip
+        if stage == "terminal":
+            await records.terminal(e, entry_id="1-0")
+        elif stage == "failed":
+            await records.failed(e, entry_id="1-0", error="boom")
+        else:
+            await getattr(records, stage)(
+                e, entry_id="1-0", attempts=1, path="/a.mp3", size=1,
+                **({"transcript": None, "model": None} if stage == "completed" else {}),
+            )  # fmt: skip
+        assert (await row(db, e.recording_sid))["origin"] == origin
+
+
+async def test_known_tells_which_recordings_have_rows_in_one_query(db: Any) -> None:
+    """known() answers, for a batch of RecordingSids, those with a row."""
+    written = event()
+    await Store(db).terminal(written, entry_id="1-0")
+    assert await Store(db).known([written.recording_sid, recording_sid()]) == {
+        written.recording_sid
+    }
