@@ -19,12 +19,24 @@ SCHEMA_VERSION = "1"
 RECORDING_SID = re.compile(r"^RE[0-9a-fA-F]{32}$")
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
-BUSINESS_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+BUSINESS_ID = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")
+"""A tenant: it names a directory under STREAMREC_MEDIA_DIR and Redis keys, so "." and
+".." (the directory itself, its parent) are refused with the other all-dots ids."""
+BUSINESS_ID_RULE = "1-64 of A-Z a-z 0-9 _ . - and not only dots"
 
 Status = Literal["completed", "absent", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "absent", "failed"})
 Origin = Literal["webhook", "reconcile"]
 ORIGINS: frozenset[str] = frozenset({"webhook", "reconcile"})
+
+
+def is_business_id(value: str) -> bool:
+    """True when ``value`` is a business id (see BUSINESS_ID).
+
+    The one check of the webhook, the stream, the command line, the numbers
+    table and the settings.
+    """
+    return BUSINESS_ID.fullmatch(value) is not None
 
 
 class InvalidEvent(ValueError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from streamrec.events import BUSINESS_ID
+from streamrec.events import BUSINESS_ID_RULE, is_business_id
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
@@ -24,8 +24,8 @@ class InvalidNumber(ValueError):
 def _checked(number: str, business_id: str | None = None) -> str:
     if not E164.fullmatch(number):
         raise InvalidNumber(f"{number!r} is not an E.164 number such as +15551234567")
-    if business_id is not None and not BUSINESS_ID.fullmatch(business_id):
-        raise InvalidNumber(f"business id {business_id!r} is not 1-64 of A-Z a-z 0-9 _ . -")
+    if business_id is not None and not is_business_id(business_id):
+        raise InvalidNumber(f"business id {business_id!r} is not {BUSINESS_ID_RULE}")
     return number
 
 

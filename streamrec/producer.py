@@ -32,9 +32,10 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec import health, lua
 from streamrec.batch import Batcher
-from streamrec.events import BUSINESS_ID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
+from streamrec.events import TERMINAL_STATUSES, InvalidEvent, RecordingEvent, is_business_id
 from streamrec.keys import Keys
 from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
+from streamrec.retry import describe
 
 log = structlog.get_logger("streamrec.producer")
 
@@ -234,14 +235,23 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when every dependency answers within 2 s, else 503 naming the failures."""
+    """200 when every dependency answers within 2 s, else 503 naming the failures.
+
+    The answer says only which check failed (``failed``, ``timeout``): the port is
+    public, and an error's text can carry user names and internal addresses. The
+    error itself is logged (``readiness_check_failed``).
+    """
     results: dict[str, str] = {}
     for name, check in request.app[CHECKS_KEY].items():
         try:
             await asyncio.wait_for(check(), 2.0)
             results[name] = "ok"
+        except TimeoutError:
+            results[name] = "timeout"
+            log.warning("readiness_check_failed", check=name, error="no answer within 2 s")
         except Exception as exc:
-            results[name] = f"{type(exc).__name__}: {exc}"[:200]
+            results[name] = "failed"
+            log.warning("readiness_check_failed", check=name, error=describe(exc))
     ready = all(value == "ok" for value in results.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": results},
@@ -332,7 +342,7 @@ def _signed(
 
 def _event(params: dict[str, str], business_id: str) -> RecordingEvent:
     """The event a verified callback describes; InvalidEvent names what is wrong."""
-    if not BUSINESS_ID.fullmatch(business_id):
+    if not is_business_id(business_id):
         raise InvalidEvent("business_id query parameter is missing or malformed")
     if not params.get("RecordingStatus"):
         raise InvalidEvent("RecordingStatus is missing")

@@ -11,10 +11,13 @@ import os
 import socket
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamrec.events import BUSINESS_ID_RULE, is_business_id
 
 ENV_FILES = (".env", "config/streamrec.env")
 
@@ -106,9 +109,7 @@ class Settings(BaseSettings):
         48.0, validation_alias="STREAMREC_RECONCILE_LOOKBACK_H", gt=0
     )
     reconcile_default_business: str | None = Field(
-        None,
-        validation_alias="STREAMREC_RECONCILE_DEFAULT_BUSINESS",
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        None, validation_alias="STREAMREC_RECONCILE_DEFAULT_BUSINESS"
     )
     namespace: str = Field(
         "streamrec", validation_alias="STREAMREC_NAMESPACE", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
@@ -146,6 +147,29 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parts = _scheme(value, REDIS_SCHEMES)
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        _scheme(value, DATABASE_SCHEMES)
+        return value
+
+    @field_validator("reconcile_default_business")
+    @classmethod
+    def _business_id(cls, value: str | None) -> str | None:
+        if value is not None and not is_business_id(value):
+            raise ValueError(f"must be {BUSINESS_ID_RULE}")
+        return value
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -186,6 +210,14 @@ class Settings(BaseSettings):
         """This process's consumer name in the group: the setting, or host-pid."""
         return self.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
 
+    def secrets(self) -> list[str]:
+        """The secret values configured (Twilio auth token, OpenAI key), for logs to mask."""
+        return [
+            secret.get_secret_value()
+            for secret in (self.twilio_auth_token, self.openai_api_key)
+            if secret is not None and secret.get_secret_value()
+        ]
+
     def twilio_credentials(self) -> tuple[str, str]:
         """The account SID and auth token, or ConfigError naming what is missing."""
         missing = [
@@ -203,6 +235,31 @@ class Settings(BaseSettings):
         return self.twilio_account_sid, self.twilio_auth_token.get_secret_value()
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+DATABASE_SCHEMES = ("postgres", "postgresql")
+
+
+def _scheme(url: str, schemes: tuple[str, ...]) -> SplitResult:
+    """``url`` split, or ValueError naming the schemes allowed (never echoing the URL)."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or url[len(parts.scheme) :][:3] != "://":
+        raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
+    return parts
+
+
+def address(url: str) -> str:
+    """Where a Redis or PostgreSQL URL points, host:port or socket path, without credentials."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    default = 6379 if parts.scheme.startswith("redis") else 5432
+    try:
+        port = parts.port or default
+    except ValueError:  # several hosts (h1:5432,h2:5432): say them as written
+        return parts.netloc.rpartition("@")[2]
+    return f"{parts.hostname or 'localhost'}:{port}"
+
+
 def _variable_name(field: str) -> str:
     alias = Settings.model_fields[field].validation_alias
     return alias if isinstance(alias, str) else field.upper()
@@ -215,10 +272,11 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
             if not error["loc"]:  # a rule across settings: its message names them
-                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                problems.append(message)
                 continue
             field = str(error["loc"][0])
             name = _variable_name(field) if field in Settings.model_fields else field
-            problems.append(f"{name}: {error['msg']}")
+            problems.append(f"{name}: {message}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

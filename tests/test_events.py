@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from streamrec.events import SCHEMA_VERSION, InvalidEvent, RecordingEvent
+from streamrec.events import SCHEMA_VERSION, InvalidEvent, RecordingEvent, is_business_id
 from tests.standins import ACCOUNT_SID, call_sid, recording_sid
 
 
@@ -104,11 +104,27 @@ def test_malformed_sid_is_rejected(field: str, prefix: str, named: str, shape: s
         RecordingEvent.from_fields(fields(**{field: value}))
 
 
-@pytest.mark.parametrize("business_id", ["", "a b", "a/b", "x" * 65, "é"])
+# Business ids every entry point must refuse (webhook, stream, CLI, numbers, settings):
+# outside [A-Za-z0-9_.-]{1,64}, or only dots, which name a media directory's self or parent.
+BAD_BUSINESS_IDS = ["", ".", "..", "...", "a b", "a/b", "x" * 65, "é", "1\n"]
+GOOD_BUSINESS_IDS = ["1", "shop-7.eu_1", ".hidden", "a..b", "-", "x" * 64]
+
+
+@pytest.mark.parametrize("business_id", BAD_BUSINESS_IDS)
 def test_malformed_business_id_is_rejected(business_id: str) -> None:
-    """A business_id outside [A-Za-z0-9_.-]{1,64} is rejected."""
+    """A malformed or all-dots business_id is refused, in a callback and in stream fields."""
+    assert not is_business_id(business_id)
     with pytest.raises(InvalidEvent, match="business_id"):
         create(business_id=business_id)
+    with pytest.raises(InvalidEvent, match="business_id"):
+        RecordingEvent.from_fields(fields(business_id=business_id))
+
+
+@pytest.mark.parametrize("business_id", GOOD_BUSINESS_IDS)
+def test_well_formed_business_id_is_accepted(business_id: str) -> None:
+    """Dots among other characters are fine; only ids made of dots alone are refused."""
+    assert is_business_id(business_id)
+    assert create(business_id=business_id).business_id == business_id
 
 
 def test_duration_minus_one_means_none() -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from streamrec.settings import ConfigError, Settings, load_settings
+from streamrec.settings import ConfigError, Settings, address, load_settings
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN
+from tests.test_events import BAD_BUSINESS_IDS
 
 # The README's configuration table: variable -> (field, default).
 DEFAULTS: dict[str, tuple[str, Any]] = {
@@ -124,6 +125,13 @@ def test_field_names_are_not_variables(env: pytest.MonkeyPatch, variable: str, r
         ("TWILIO_ACCOUNT_SID", "AC123"),
         ("STREAMREC_NAMESPACE", "has space"),
         ("STREAMREC_LOG_FORMAT", "xml"),
+        ("REDIS_URL", "notaurl"),
+        ("REDIS_URL", "http://cache:6379/0"),
+        ("REDIS_URL", "redis:cache"),
+        ("REDIS_URL", "redis://cache:port/0"),
+        ("DATABASE_URL", "mysql://rec@db/rec"),
+        ("DATABASE_URL", "db.example.com/rec"),
+        *(("STREAMREC_RECONCILE_DEFAULT_BUSINESS", b) for b in BAD_BUSINESS_IDS if b),
     ],
 )
 def test_bad_value_is_a_config_error_naming_the_variable(
@@ -133,6 +141,60 @@ def test_bad_value_is_a_config_error_naming_the_variable(
     env.setenv(variable, raw)
     with pytest.raises(ConfigError, match=variable):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("REDIS_URL", "notaurl:hunter2"),
+        ("REDIS_URL", "http://:hunter2@cache:6379/0"),
+        ("DATABASE_URL", "mysql://rec:hunter2@db/rec"),
+    ],
+)
+def test_a_bad_url_is_named_and_not_echoed(
+    env: pytest.MonkeyPatch, variable: str, raw: str
+) -> None:
+    """A URL with the wrong scheme: the error says the schemes allowed, never the URL itself."""
+    env.setenv(variable, raw)
+    with pytest.raises(ConfigError, match=f"{variable}: .*must start with") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("REDIS_URL", "rediss://:pw@cache.example.com:6380/1"),
+        ("REDIS_URL", "unix:///run/redis/redis.sock?db=2"),
+        ("REDIS_URL", "redis://"),
+        ("DATABASE_URL", "postgres://rec:pw@db:5433/rec"),
+        ("DATABASE_URL", "postgresql:///rec?host=/run/postgresql"),
+        ("DATABASE_URL", "postgresql://db1:5432,db2:5432/rec"),
+    ],
+)
+def test_urls_of_every_supported_scheme_are_taken(
+    env: pytest.MonkeyPatch, variable: str, raw: str
+) -> None:
+    """Each scheme the Redis and PostgreSQL clients understand passes as written."""
+    env.setenv(variable, raw)
+    settings = load_settings()
+    assert raw in (settings.redis_url, settings.database_url)
+
+
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("redis://:secret@cache:6380/0", "cache:6380"),
+        ("rediss://cache", "cache:6379"),
+        ("unix:///run/redis.sock", "/run/redis.sock"),
+        ("postgresql://rec:secret@db/rec", "db:5432"),
+        ("postgresql:///rec", "localhost:5432"),
+        ("postgresql://rec:secret@db1:5432,db2:5433/rec", "db1:5432,db2:5433"),
+    ],
+)
+def test_address_names_the_server_without_credentials(url: str, where: str) -> None:
+    """address() gives host:port (or the socket path) a message can name, never the password."""
+    assert address(url) == where
 
 
 def test_each_bad_variable_is_named(env: pytest.MonkeyPatch) -> None:
@@ -211,6 +273,16 @@ def test_secrets_never_appear_in_repr(env: pytest.MonkeyPatch) -> None:
         assert AUTH_TOKEN not in text
         assert "sk-very-secret-key" not in text
     assert settings.transcription_enabled
+
+
+def test_secrets_are_the_token_and_key_that_are_set(env: pytest.MonkeyPatch) -> None:
+    """secrets() lists the auth token and OpenAI key that are set, for the logs to mask."""
+    assert load_settings().secrets() == []
+    env.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    env.setenv("OPENAI_API_KEY", "")
+    assert load_settings().secrets() == [AUTH_TOKEN]
+    env.setenv("OPENAI_API_KEY", "sk-very-secret-key")
+    assert load_settings().secrets() == [AUTH_TOKEN, "sk-very-secret-key"]
 
 
 def test_a_slot_lease_longer_than_the_claim_time_is_refused(env: pytest.MonkeyPatch) -> None:
