@@ -20,6 +20,7 @@ from streamrec import (
     devrun,
     health,
     numbers,
+    reads,
     reconcile,
     semaphore,
     service,
@@ -28,62 +29,33 @@ from streamrec import (
     store,
 )
 from streamrec import logging as logs
+from streamrec.devservers import ServerError
+from streamrec.events import BUSINESS_ID_RULE, is_business_id
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
-from streamrec.settings import ConfigError, Settings, load_settings
+from streamrec.retry import describe
+from streamrec.settings import ConfigError, Settings, address, load_settings
 
-COMMON = "REDIS_URL, STREAMREC_NAMESPACE, STREAMREC_LOG_FORMAT, STREAMREC_LOG_LEVEL"
-WEBHOOK = (
-    "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_PUBLIC_URL, STREAMREC_HTTP_HOST, "
-    "STREAMREC_HTTP_PORT, STREAMREC_MAX_BODY_BYTES, STREAMREC_DEDUPE_TTL_S, "
-    "STREAMREC_WEBHOOK_DEADLINE_MS, STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF"
-)
-CONSUMER = (
-    "DATABASE_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_TWILIO_API_BASE, "
-    "STREAMREC_MEDIA_DIR, STREAMREC_MEDIA_MAX_BYTES, STREAMREC_DELETE_FROM_TWILIO, "
-    "OPENAI_API_KEY, OPENAI_BASE_URL, "
-    "STREAMREC_TRANSCRIBE_MODEL, STREAMREC_CONCURRENCY, STREAMREC_CLAIM_IDLE_MS, "
-    "STREAMREC_MAX_DELIVERIES, STREAMREC_RETRY_BASE_MS, STREAMREC_RETRY_MAX_MS, "
-    "STREAMREC_HTTP_TIMEOUT_S, STREAMREC_SHUTDOWN_GRACE_S, STREAMREC_BLOCK_MS, "
-    "STREAMREC_CONSUMER_NAME, STREAMREC_BUSINESS_SLOTS, STREAMREC_SLOT_LEASE_MS, "
-    "STREAMREC_METRICS_PORT, STREAMREC_HEARTBEAT_S, STREAMREC_PROGRESS_S, "
-    "STREAMREC_RECONCILE_INTERVAL_S, STREAMREC_RECONCILE_LOOKBACK_H, "
-    "STREAMREC_RECONCILE_DEFAULT_BUSINESS, STREAMREC_DEDUPE_TTL_S, "
-    "STREAMREC_WEBHOOK_DEADLINE_MS, STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF"
-)
-RECONCILE = (
-    "DATABASE_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_TWILIO_API_BASE, "
-    "STREAMREC_HTTP_TIMEOUT_S, STREAMREC_DEDUPE_TTL_S, STREAMREC_WEBHOOK_DEADLINE_MS, "
-    "STREAMREC_MIN_REPLICA_ACKS, STREAMREC_WAIT_AOF, STREAMREC_RECONCILE_LOOKBACK_H, "
-    "STREAMREC_RECONCILE_DEFAULT_BUSINESS"
-)
+Tool = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
-COMMANDS = {
-    "serve": ("serve the Twilio webhook (/twilio/recording, /healthz, /readyz, /metrics)", WEBHOOK),
-    "consume": ("run one consumer-group worker; run as many replicas as you like", CONSUMER),
-    "run": ("serve the webhook and run one consumer in this process", f"{WEBHOOK}, {CONSUMER}"),
-    "dev": (
-        "serve and consume on this machine, starting local Redis/PostgreSQL if none answer",
-        f"{WEBHOOK}, {CONSUMER}",
-    ),
-    "migrate": ("create or upgrade the PostgreSQL schema (idempotent)", "DATABASE_URL"),
-    "status": (
-        "summarise length, lag, pending entries, consumers, dead letters and slots",
-        "STREAMREC_BUSINESS_SLOTS",
-    ),
-    "check": ("exit 0 if Redis answers and a consumer heartbeat is fresh, else 1", ""),
-    "simulate": (
-        "post RecordingStatusCallbacks signed with the configured token",
-        "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, STREAMREC_PUBLIC_URL",
-    ),
-    "dlq": ("list, replay or purge dead letters", ""),
-    "slots": ("show or change per-business slot limits", "STREAMREC_BUSINESS_SLOTS"),
-    "reconcile": (
-        "enqueue the account's recordings whose callbacks never arrived (Twilio's REST API)",
-        RECONCILE,
-    ),
-    "numbers": ("map phone numbers to businesses, for reconcile", "DATABASE_URL"),
+SUMMARIES = {
+    "serve": "serve the Twilio webhook (/twilio/recording, /healthz, /readyz, /metrics)",
+    "consume": "run one consumer-group worker; run as many replicas as you like",
+    "run": "serve the webhook and run one consumer in this process",
+    "dev": "serve and consume on this machine, starting local Redis/PostgreSQL if none answer",
+    "migrate": "create or upgrade the PostgreSQL schema (idempotent)",
+    "status": "summarise lag, pending and oldest waiting entries, throughput, consumers,"
+    " dead letters and slots",
+    "check": "exit 0 if Redis answers and a consumer heartbeat is fresh, else 1",
+    "simulate": "post RecordingStatusCallbacks signed with the configured token",
+    "dlq": "list, replay or purge dead letters",
+    "slots": "show or change per-business slot limits",
+    "reconcile": "enqueue the account's recordings whose callbacks never arrived"
+    " (Twilio's REST API)",
+    "numbers": "map phone numbers to businesses, for reconcile",
 }
+LOGGING = ("STREAMREC_LOG_FORMAT", "STREAMREC_LOG_LEVEL")
+"""What ``main`` reads for every command before running it."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,16 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
-    for name, (summary, reads) in COMMANDS.items():
-        names = ", ".join(s for s in (reads, COMMON) if s).split(", ")
-        settings = ", ".join(dict.fromkeys(names))  # run and dev read both lists
+    for name, summary in SUMMARIES.items():
+        # Found in the code the command runs, so the list cannot drift from it.
+        variables = ", ".join(dict.fromkeys([*reads.variables_read(TOOLS[name]), *LOGGING]))
         commands[name] = sub.add_parser(
-            name, help=summary, description=summary, epilog=f"Reads: {settings}."
+            name, help=summary, description=summary, epilog=f"Reads: {variables}."
         )
     commands["consume"].add_argument(
         "--until-idle", action="store_true", help="exit once nothing is left to read or reclaim"
     )
-    commands["status"].add_argument("--json", action="store_true", help="print one JSON document")
+    commands["migrate"].add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="wait up to SECONDS for PostgreSQL to accept connections (default 0: fail at once)",
+    )  # fmt: skip
+    _status_parser(commands["status"])
     check = commands["check"].add_mutually_exclusive_group()
     check.add_argument("--consumer", metavar="NAME", help="this consumer's heartbeat must be fresh")
     check.add_argument(
@@ -121,25 +97,49 @@ def _parser() -> argparse.ArgumentParser:
     _reconcile_parser(commands["reconcile"])
     _numbers_parser(commands["numbers"])
     slots = commands["slots"].add_subparsers(dest="action", required=True, metavar="ACTION")
-    slots.add_parser("list", help="per business: slots in use / limit, parked entries")
-    limit = slots.add_parser("set", help="override one business's limit")
-    limit.add_argument("business_id")
+    _action(slots, "list", "per business: slots in use / limit, parked entries")
+    limit = _action(slots, "set", "override one business's limit")
+    limit.add_argument("business_id", type=_business_id)
     limit.add_argument("limit", type=int)
-    unset = slots.add_parser("unset", help="back to STREAMREC_BUSINESS_SLOTS")
-    unset.add_argument("business_id")
+    unset = _action(slots, "unset", "back to STREAMREC_BUSINESS_SLOTS")
+    unset.add_argument("business_id", type=_business_id)
     return parser
+
+
+def _action(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    """An action of a command, its summary shown in the command's help and its own."""
+    return actions.add_parser(name, help=summary, description=summary)
+
+
+def _status_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+        help="redraw in place every SECONDS (default 2) until Ctrl-C; with --json,"
+        " one document per line",
+    )  # fmt: skip
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)  # frames, then exit
+
+
+def _business_id(value: str) -> str:
+    """A business id argument, checked as the webhook checks it (else exit 2 saying the rule)."""
+    if not is_business_id(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a business id ({BUSINESS_ID_RULE})")
+    return value
 
 
 def _dlq_parser(dlq: argparse.ArgumentParser) -> None:
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="show dead letters, oldest first")
+    listing = _action(actions, "list", "show dead letters, oldest first")
     listing.add_argument("--count", type=int, default=100, help="at most this many (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON document")
-    replay = actions.add_parser("replay", help="put dead letters back on the stream to run again")
+    replay = _action(actions, "replay", "put dead letters back on the stream to run again")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead-letter ids")
     which.add_argument("--all", action="store_true", help="every dead letter")
-    purge = actions.add_parser("purge", help="delete dead letters (all, or the given ids)")
+    purge = _action(actions, "purge", "delete dead letters (all, or the given ids)")
     purge.add_argument("ids", nargs="*", metavar="ID", help="only these dead-letter ids")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -166,68 +166,110 @@ def _reconcile_parser(parser: argparse.ArgumentParser) -> None:
 
 def _numbers_parser(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = actions.add_parser("add", help="map a number (E.164, +15551234567) to a business")
+    add = _action(actions, "add", "map a number (E.164, +15551234567) to a business")
     add.add_argument("number")
-    add.add_argument("business_id")
-    actions.add_parser("list", help="every number and its business")
-    remove = actions.add_parser("remove", help="forget a number")
+    add.add_argument("business_id", type=_business_id)
+    _action(actions, "list", "every number and its business")
+    remove = _action(actions, "remove", "forget a number")
     remove.add_argument("number")
 
 
+FAILURES = (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, ServerError)
+"""Errors a command ends on with one line and exit 1: a server unreachable or refusing, a
+port taken. Anything else is a bug, and its traceback is shown."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m streamrec`` and the ``streamrec`` script."""
+    """Entry point of ``python -m streamrec`` and the ``streamrec`` script.
+
+    A configuration error exits 2, one of FAILURES exits 1: either as one line
+    saying what failed and where, without credentials or a traceback.
+    """
     args = _parser().parse_args(argv)
+    settings = None
     try:
         settings = load_settings()
-        logs.configure(fmt=settings.log_format, level=settings.log_level)
+        logs.configure(
+            fmt=settings.log_format, level=settings.log_level, secrets=settings.secrets()
+        )
         return asyncio.run(_dispatch(args, settings))
-    except ConfigError as exc:
-        print(f"streamrec: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RedisError, asyncpg.PostgresError) as exc:
-        # Unreachable or refusing servers at start: one line, not a traceback.
-        print(f"streamrec: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = _first(exc)
+        if isinstance(error, ConfigError):
+            print(f"streamrec: {error}", file=sys.stderr)
+            return 2
+        if settings is None or not isinstance(error, FAILURES):
+            raise
+        print(f"streamrec: {args.command} failed: {_failure(error, settings)}", file=sys.stderr)
         return 1
 
 
+def _first(error: Exception) -> Exception:
+    """``error``, or the first error of a task group (``run`` and ``dev`` run two services)."""
+    while isinstance(error, ExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _failure(error: Exception, settings: Settings) -> str:
+    """What failed and where (host:port), in one line without credentials."""
+    where = ""
+    if isinstance(error, RedisError) and not isinstance(error, health.UnsupportedRedis):
+        where = f"Redis at {address(settings.redis_url)}: "  # its errors may not say Redis
+    elif isinstance(error, asyncpg.PostgresError | asyncpg.InterfaceError):
+        where = f"PostgreSQL at {address(settings.database_url)}: "
+    return logs.redact(where + describe(error), settings.secrets())
+
+
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    tools: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {
-        "migrate": _migrate,
-        "status": _status,
-        "check": _check,
-        "simulate": _simulate,
-        "dlq": _dlq,
-        "slots": _slots,
-        "reconcile": _reconcile,
-        "numbers": _numbers,
-    }
-    if args.command in tools:
-        return await tools[args.command](args, settings)
-    runners: dict[str, Callable[[asyncio.Event], Awaitable[None]]] = {
-        "serve": lambda stop: service.serve(settings, stop),
-        "consume": lambda stop: service.consume(settings, stop, until_idle=args.until_idle),
-        "run": lambda stop: service.run_all(settings, stop),
-        "dev": lambda stop: devrun.run(settings, stop, Path(".dev").resolve()),
-    }
+    return await TOOLS[args.command](args, settings)
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``run`` until SIGTERM or SIGINT sets its stop event and it returns; 0 then."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await runners[args.command](stop)
+    await run(stop)
     return 0
 
 
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    return await _until_signalled(lambda stop: service.serve(settings, stop))
+
+
+async def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    return await _until_signalled(
+        lambda stop: service.consume(settings, stop, until_idle=args.until_idle)
+    )
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return await _until_signalled(lambda stop: service.run_all(settings, stop))
+
+
+async def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    return await _until_signalled(lambda stop: devrun.run(settings, stop, Path(".dev").resolve()))
+
+
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    applied = await store.migrate(settings.database_url)
+    applied = await store.migrate(settings.database_url, wait_s=args.wait)
     print(f"migrations applied: {applied or 'none (up to date)'}")
     return 0
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with service.open_redis(settings) as redis:
-        report = await status.collect(
-            redis, Keys(settings.namespace), default_slots=settings.business_slots
-        )
+        keys = Keys(settings.namespace)
+        if args.watch is not None:
+            return await _until_signalled(
+                lambda stop: status.watch(
+                    redis, keys, default_slots=settings.business_slots, every_s=args.watch,
+                    as_json=args.json, frames=args.count, stop=stop,
+                )
+            )  # fmt: skip
+        report = await status.collect(redis, keys, default_slots=settings.business_slots)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return 0
 
@@ -247,19 +289,30 @@ async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         account_sid, token = devrun.DEV_ACCOUNT_SID, devrun.DEV_AUTH_TOKEN
         print("no Twilio credentials set: signing as the development account", file=sys.stderr)
-    posted = await simulate.post_callbacks(
-        account_sid=account_sid,
-        auth_token=token,
-        public_url=settings.public_url,
-        post_to=args.url,
-        business_id=args.business_id,
-        status=args.status,
-        count=args.count,
-        recording_sid=args.recording_sid,
-    )
-    for answer in posted:
-        print(f"{answer.recording_sid} {answer.status} {answer.body}")
-    return 0 if all(200 <= a.status < 300 for a in posted) else 1
+    try:
+        posted = await simulate.post_callbacks(
+            account_sid=account_sid,
+            auth_token=token,
+            public_url=settings.public_url,
+            post_to=args.url,
+            business_id=args.business_id,
+            status=args.status,
+            count=args.count,
+            recording_sid=args.recording_sid,
+            on_answer=_print_answer,
+        )
+    except simulate.Interrupted as exc:
+        url = args.url or settings.public_url
+        print(f"streamrec: simulate stopped, no answer from {url}: {exc}", file=sys.stderr)
+        print(f"streamrec: {simulate.summary(exc.posted, args.count)}", file=sys.stderr)
+        return 1
+    print(f"streamrec: {simulate.summary(posted, args.count)}", file=sys.stderr)
+    return 0 if all(answer.accepted for answer in posted) else 1
+
+
+def _print_answer(answer: simulate.Posted) -> None:
+    """One line per answer as it arrives, so progress shows (and survives an error)."""
+    print(f"{answer.recording_sid} {answer.status} {answer.body}", flush=True)
 
 
 async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
@@ -362,6 +415,22 @@ async def _numbers(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await conn.close()
     return 0
+
+
+TOOLS: dict[str, Tool] = {
+    "serve": _serve,
+    "consume": _consume,
+    "run": _run,
+    "dev": _dev,
+    "migrate": _migrate,
+    "status": _status,
+    "check": _check,
+    "simulate": _simulate,
+    "dlq": _dlq,
+    "slots": _slots,
+    "reconcile": _reconcile,
+    "numbers": _numbers,
+}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
-from streamrec import service
+from streamrec import service, store
 from streamrec.devservers import LocalPostgres, LocalRedis, answers, free_port
 from streamrec.settings import Settings
 
@@ -62,8 +62,14 @@ def local_servers(settings: Settings, directory: Path) -> Iterator[Settings]:
             server.stop()
 
 
-# One second of silence: 38 MPEG-1 Layer III frames (128 kbit/s, 44.1 kHz) of 417 bytes.
-SILENCE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + (b"\xff\xfb\x90\x00" + bytes(413)) * 38
+DEV_RECORDING_S = 1
+"""How long each development recording is; ``simulate`` says so as RecordingDuration."""
+# That much silence: MPEG-1 Layer III frames (128 kbit/s, 44.1 kHz) of 417 bytes, each
+# 1152 samples long.
+_SILENT_FRAME = b"\xff\xfb\x90\x00" + bytes(413)
+SILENCE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + _SILENT_FRAME * round(
+    DEV_RECORDING_S * 44_100 / 1152
+)
 
 
 async def _silence(request: web.Request) -> web.Response:
@@ -91,14 +97,23 @@ async def dev_media(settings: Settings) -> AsyncIterator[Settings]:
 
 
 async def run(settings: Settings, stop: asyncio.Event, directory: Path) -> None:
-    """Run webhook and consumer against working servers until ``stop``."""
+    """Run webhook and consumer against working servers until ``stop``.
+
+    ``dev_ready`` is logged once the database exists and the webhook listens;
+    a failure before (port taken, server unreachable) raises instead.
+    """
     with local_servers(settings, directory) as servers:
         async with dev_media(servers) as ready:
-            log.info(
-                "dev_ready",
-                webhook=f"http://127.0.0.1:{ready.http_port}/twilio/recording?business_id=1",
-                redis=ready.redis_url,
-                database=ready.database_url,
-                try_it="python -m streamrec simulate; python -m streamrec status",
-            )
-            await service.run_all(ready, stop)
+            await store.migrate(ready.database_url)
+            await service.run_all(ready, stop, on_ready=lambda: _ready(ready))
+
+
+def _ready(settings: Settings) -> None:
+    # The URLs may carry passwords: the log's redaction masks them.
+    log.info(
+        "dev_ready",
+        webhook=f"http://127.0.0.1:{settings.http_port}/twilio/recording?business_id=1",
+        redis=settings.redis_url,
+        database=settings.database_url,
+        try_it="python -m streamrec simulate; python -m streamrec status",
+    )

@@ -59,6 +59,23 @@ class Keys:
         """Hash of consumer name → its last heartbeat (JSON about the process)."""
         return f"{self._tag}:heartbeats"
 
+    @property
+    def outcomes(self) -> str:
+        """Hash of ``<outcome>:<slot>`` → how many entries ended so in that 10 s slot of
+        Redis time (the last hour's; consumers add to it with their heartbeats)."""
+        return f"{self._tag}:outcomes"
+
+    @property
+    def outcome_slots(self) -> str:
+        """Sorted set of the slots ``outcomes`` holds counts of, to prune those past an hour."""
+        return f"{self._tag}:outcome-slots"
+
+    @property
+    def outcome_totals(self) -> str:
+        """Hash of ``<consumer>:<outcome>`` → that consumer's running total already counted
+        into ``outcomes`` (a repeated heartbeat adds nothing)."""
+        return f"{self._tag}:outcome-totals"
+
     def slots(self, business: str) -> str:
         """Sorted set of the entry ids holding a slot of ``business``, scored by lease expiry."""
         return f"{self._tag}:slots:{business}"

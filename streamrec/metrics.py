@@ -1,18 +1,26 @@
 """Prometheus metrics, one registry per process (no module-level global registry).
 
 Served as ``GET /metrics`` by the webhook app and by each consumer on its own
-port (``STREAMREC_METRICS_PORT``).
+port: ``STREAMREC_METRICS_PORT``, or the next free one after it when another
+consumer on the host holds it (the heartbeat says which, and ``status`` shows it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = structlog.get_logger("streamrec.metrics")
+
+PORTS_TRIED = 100
+"""Ports tried from STREAMREC_METRICS_PORT on: room for that many consumers on one host."""
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RECONCILE_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 180, 600, 1800, 3600)
@@ -123,3 +131,35 @@ def metrics_app(metrics: Metrics) -> web.Application:
 
 async def _alive(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+@contextlib.asynccontextmanager
+async def serving(metrics: Metrics, host: str, first_port: int) -> AsyncIterator[int]:
+    """Serve ``metrics_app`` on the first free port from ``first_port`` on; yields that port.
+
+    Raises OSError naming host and ports when all PORTS_TRIED of them are taken,
+    or the address cannot be bound for another reason.
+    """
+    runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    try:
+        port = await _bind(runner, host, first_port)
+        log.info("metrics_listening", host=host, port=port)
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def _bind(runner: web.AppRunner, host: str, first_port: int) -> int:
+    last = min(first_port + PORTS_TRIED, 65536) - 1
+    for port in range(first_port, last + 1):
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await site.stop()  # a site that failed to start stays registered otherwise
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return port
+    raise OSError(errno.EADDRINUSE, f"metrics ports {host}:{first_port}-{last} are all in use")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import asyncpg
@@ -23,7 +24,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 from streamrec import health, store, twilio_api
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.keys import Keys
-from streamrec.metrics import Metrics, metrics_app
+from streamrec.metrics import Metrics, serving
 from streamrec.monitor import Monitor
 from streamrec.pipeline import RecordingPipeline
 from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
@@ -134,7 +135,7 @@ async def consume(
     Beside it run its monitor (heartbeat, gauges, progress line), the scheduled
     reconcile (unless ``until_idle`` or ``STREAMREC_RECONCILE_INTERVAL_S`` is 0)
     and, when ``serve_metrics`` and ``STREAMREC_METRICS_PORT`` is not 0, a
-    /metrics server.
+    /metrics server on that port or the next free one (its heartbeat says which).
     With ``check_redis``, a Redis before 7.0 is refused first (UnsupportedRedis).
     """
     await store.migrate(settings.database_url)
@@ -154,6 +155,11 @@ async def consume(
             metrics=metrics,
             slots=business_slots(settings, redis),
         )
+        metrics_port = None
+        if serve_metrics and settings.metrics_port:
+            metrics_port = await stack.enter_async_context(
+                serving(metrics, settings.http_host, settings.metrics_port)
+            )
         monitor = Monitor(
             redis=redis,
             keys=keys,
@@ -161,11 +167,8 @@ async def consume(
             metrics=metrics,
             interval_s=settings.heartbeat_s,
             progress_s=settings.progress_s,
+            metrics_port=metrics_port,
         )
-        if serve_metrics and settings.metrics_port:
-            await stack.enter_async_context(
-                _listening(metrics_app(metrics), settings.http_host, settings.metrics_port)
-            )
         schedule = None if until_idle else await _schedule(settings, stack, redis, metrics)
         monitor_stop = asyncio.Event()
         async with asyncio.TaskGroup() as group:
@@ -270,13 +273,21 @@ async def _pipeline(
     )
 
 
+class CannotListen(OSError):
+    """A server could not bind its address; the message names host:port and why."""
+
+
 @contextlib.asynccontextmanager
 async def _listening(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
-    """Serve ``app`` on host:port for the duration of the block."""
+    """Serve ``app`` on host:port for the duration of the block; CannotListen if it can't."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise CannotListen(f"cannot listen on {host}:{port}: {why}") from exc
         log.info("listening", host=host, port=port)
         yield
     finally:
@@ -289,8 +300,11 @@ async def serve(
     *,
     metrics: Metrics | None = None,
     check_redis: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the webhook until ``stop``; in-flight requests finish before it returns.
+
+    ``on_ready`` is called once it listens. CannotListen when its port is taken.
 
     PostgreSQL is not needed to accept callbacks; a pool that opens no
     connection until asked serves /readyz. With ``check_redis``, a Redis
@@ -328,11 +342,18 @@ async def serve(
         app = create_app(redis, config, metrics=metrics, checks={"postgres": database})
         await stack.enter_async_context(_listening(app, settings.http_host, settings.http_port))
         log.info("webhook_ready", public_url=settings.public_url + WEBHOOK_PATH)
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
 
 
-async def run_all(settings: Settings, stop: asyncio.Event) -> None:
-    """The webhook and one consumer in this process, one /metrics; either failing stops both."""
+async def run_all(
+    settings: Settings, stop: asyncio.Event, *, on_ready: Callable[[], None] | None = None
+) -> None:
+    """The webhook and one consumer in this process, one /metrics; either failing stops both.
+
+    ``on_ready`` is called once the webhook listens.
+    """
     settings.twilio_credentials()
     async with open_redis(settings) as redis:
         # Once, before either starts; the webhook's confirmations too.
@@ -341,7 +362,9 @@ async def run_all(settings: Settings, stop: asyncio.Event) -> None:
         )
     metrics = Metrics()
     async with asyncio.TaskGroup() as group:
-        group.create_task(serve(settings, stop, metrics=metrics, check_redis=False))
+        group.create_task(
+            serve(settings, stop, metrics=metrics, check_redis=False, on_ready=on_ready)
+        )
         group.create_task(
             consume(settings, stop, metrics=metrics, serve_metrics=False, check_redis=False)
         )

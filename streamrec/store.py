@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -26,12 +27,21 @@ import structlog
 from streamrec.batch import Batcher
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, Unavailable, describe
+from streamrec.settings import address
 
 log = structlog.get_logger("streamrec.store")
 
 MIGRATION_LOCK = 0x5EC0_0001  # advisory lock id: one migrator at a time across replicas
 PROBE_TIMEOUT_S = 5.0
 """How long the database has to answer ``SELECT 1`` after a failed statement."""
+WAIT_POLL_S = 0.5  # how often migrate tries again while it waits for the server
+# What a server that is not up yet answers: nothing (refused, unresolved, timed
+# out) or "the database system is starting up" (SQLSTATE 57P03).
+NOT_UP = (OSError, TimeoutError, asyncpg.CannotConnectNowError)
+
+
+class DatabaseUnreachable(ConnectionError):
+    """PostgreSQL did not accept a connection within the time allowed."""
 
 
 def _bad_data(error: BaseException) -> bool:
@@ -68,11 +78,13 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(dsn: str) -> list[int]:
+async def migrate(dsn: str, *, wait_s: float = 0.0) -> list[int]:
     """Create the database if missing, then apply pending migrations; returns those applied.
 
-    Safe to run from many replicas at once: an advisory lock serialises them.
+    Waits up to ``wait_s`` seconds for the server (``wait_for_server``). Safe to run
+    from many replicas at once: an advisory lock serialises them.
     """
+    await wait_for_server(dsn, wait_s=wait_s)
     await _create_database_if_missing(dsn)
     conn = await asyncpg.connect(dsn)
     try:
@@ -97,6 +109,36 @@ async def migrate(dsn: str) -> list[int]:
         return applied
     finally:
         await conn.close()
+
+
+async def wait_for_server(dsn: str, *, wait_s: float) -> None:
+    """Return once the server of ``dsn`` accepts a connection (its database may be missing).
+
+    While the server is not up, tries again every WAIT_POLL_S for up to ``wait_s``
+    seconds, then raises DatabaseUnreachable naming host:port and the last error.
+    Any other refusal (a wrong password) raises at once: waiting cannot fix it.
+    """
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + wait_s
+    for attempt in itertools.count():
+        try:  # one attempt may outlast the deadline by PROBE_TIMEOUT_S at most
+            conn = await asyncpg.connect(dsn, timeout=max(deadline - clock(), PROBE_TIMEOUT_S))
+        except asyncpg.InvalidCatalogNameError:
+            return  # the server answers; migrate creates the database
+        except NOT_UP as exc:
+            if clock() >= deadline:
+                waited = f" within {wait_s:g} s" if wait_s > 0 else ""
+                raise DatabaseUnreachable(
+                    f"PostgreSQL at {address(dsn)} did not accept"
+                    f" a connection{waited} ({describe(exc)})"
+                ) from exc
+            if attempt == 0:
+                log.info("database_waiting", address=address(dsn), wait_s=wait_s,
+                         error=describe(exc))  # fmt: skip
+            await asyncio.sleep(min(WAIT_POLL_S, deadline - clock()))
+        else:
+            await conn.close()
+            return
 
 
 async def _create_database_if_missing(dsn: str) -> None:

@@ -6,17 +6,30 @@ import asyncio
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 
+from streamrec.__main__ import main
+from streamrec.devservers import LocalRedis, free_port
+from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
 from streamrec.settings import Settings
-from tests.standins import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import entries, wait_for
+from tests.processes import environment
+from tests.standins import ACCOUNT_SID, AUTH_TOKEN, MediaStandIn, call_sid, recording_sid
+from tests.test_events import BAD_BUSINESS_IDS
 
 DEADLINE_S = 60.0
 
@@ -222,3 +235,236 @@ async def test_status_of_an_empty_namespace(
     assert finished.returncode == 0, finished.stderr
     report = json.loads(finished.stdout)
     assert (report["length"], report["pending"], report["consumers"]) == (0, 0, [])
+
+
+def failure_lines(stderr: str) -> list[str]:
+    """What a process printed to stderr besides its JSON log lines."""
+    return [line for line in stderr.splitlines() if line and not line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "raw"),
+    [
+        ("status", "REDIS_URL", "notaurl"),
+        ("consume", "REDIS_URL", "http://:hunter2@cache:6379/0"),
+        ("migrate", "DATABASE_URL", "mysql://rec:hunter2@db/rec"),
+    ],
+)
+async def test_a_malformed_url_exits_2_naming_its_variable(
+    env: dict[str, str], tmp_path: Path, command: str, variable: str, raw: str
+) -> None:
+    """A URL of the wrong scheme ends with 2 and one line naming its variable, not echoing it."""
+    finished = await streamrec(command, env=env | {variable: raw}, cwd=tmp_path)
+    assert finished.returncode == 2
+    [line] = failure_lines(finished.stderr)
+    assert line.startswith(f"streamrec: invalid configuration: {variable}: must start with ")
+    assert "hunter2" not in finished.stdout + finished.stderr
+
+
+async def test_start_up_failures_are_one_line_naming_server_and_address(
+    env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    """Redis down, a database host that does not resolve: one line each, host:port, exit 1."""
+    closed = free_port()
+    cases = [
+        (
+            ["consume"],
+            {"REDIS_URL": f"redis://:hunter2@127.0.0.1:{closed}/0", "DATABASE_URL": database_url},
+            f"Redis at 127.0.0.1:{closed}",
+        ),
+        (
+            ["status"],
+            {"REDIS_URL": f"redis://:hunter2@127.0.0.1:{closed}/0"},
+            f"Redis at 127.0.0.1:{closed}: ConnectionError",
+        ),
+        (
+            ["migrate"],
+            {"DATABASE_URL": "postgresql://rec:hunter2@nowhere.invalid:6543/rec"},
+            "PostgreSQL at nowhere.invalid:6543",
+        ),
+    ]
+    env |= {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
+    env |= {"STREAMREC_METRICS_PORT": "0", "STREAMREC_LOG_FORMAT": "json"}
+    for args, variables, where in cases:
+        finished = await streamrec(*args, env=env | variables, cwd=tmp_path)
+        assert finished.returncode == 1, finished.stderr
+        [line] = failure_lines(finished.stderr)
+        assert line.startswith(f"streamrec: {args[0]} failed: ") and where in line, line
+        assert "hunter2" not in finished.stdout + finished.stderr
+
+
+BAD_IDS_ON_THE_COMMAND_LINE = [b for b in BAD_BUSINESS_IDS if b in (".", "..", "a b")]
+
+
+@pytest.mark.parametrize("business_id", BAD_IDS_ON_THE_COMMAND_LINE)
+async def test_commands_refuse_a_bad_business_id(
+    env: dict[str, str],
+    tmp_path: Path,
+    settings: Settings,
+    redis: aioredis.Redis,
+    db: Any,
+    business_id: str,
+) -> None:
+    """``slots set/unset`` and ``numbers add`` exit 2 on an id the webhook refuses; nothing set."""
+    env = environment(settings)
+    for args in (
+        ["slots", "set", business_id, "3"],
+        ["slots", "unset", business_id],
+        ["numbers", "add", "+15551234567", business_id],
+    ):
+        finished = await streamrec(*args, env=env, cwd=tmp_path)
+        assert finished.returncode == 2, (args, finished.stdout)
+        assert "is not a business id" in finished.stderr
+    assert await redis.hgetall(Keys(settings.namespace).slot_limits) == {}
+    assert await db.fetchval("SELECT count(*) FROM numbers") == 0
+
+
+def audio_outside(root: Path, media_dir: Path) -> list[Path]:
+    """The audio files under ``root`` that are not under ``media_dir``."""
+    return [path for path in root.rglob("*.mp3") if media_dir not in path.parents]
+
+
+async def test_a_dot_dot_business_writes_nothing_outside_the_media_dir(
+    tmp_path: Path, settings: Settings, redis: aioredis.Redis, media: MediaStandIn
+) -> None:
+    """An entry of business ``..`` is dead-lettered unread: no file lands beside the media dir."""
+    keys = Keys(settings.namespace)
+    sid = recording_sid()
+    event = RecordingEvent(recording_sid=sid, call_sid=call_sid(), account_sid=ACCOUNT_SID,
+                           business_id="..", status="completed")  # fmt: skip
+    await redis.xadd(keys.stream, event.to_fields())  # type: ignore[arg-type]
+    finished = await streamrec("consume", "--until-idle", env=environment(settings), cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert audio_outside(tmp_path, settings.media_dir) == []
+    assert media.requests[sid] == 0
+    [(_, letter)] = await entries(redis, keys.dead)
+    assert "business_id" in letter["error"]
+
+
+COMMANDS = (
+    "serve", "consume", "run", "dev", "migrate", "status", "check", "simulate", "dlq", "slots",
+    "reconcile", "numbers",
+)  # fmt: skip
+ACTIONS = {
+    "dlq": ("list", "replay", "purge"),
+    "slots": ("list", "set", "unset"),
+    "numbers": ("add", "list", "remove"),
+}
+
+
+def help_of(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """What ``streamrec *args --help`` prints (the real parser, in this process)."""
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_help_lists_real_variables_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's --help names only variables Settings reads, each once; serve's names
+    DATABASE_URL (its /readyz checks it); migrate's names no Redis setting."""
+    found = {command: listed_settings(help_of(capsys, command)) for command in COMMANDS}
+    for command, names in found.items():
+        assert len(names) == len(set(names)), (command, names)
+        assert set(names) <= setting_names(), command
+    assert "DATABASE_URL" in found["serve"]
+    assert not {"REDIS_URL", "STREAMREC_NAMESPACE"} & set(found["migrate"])
+    assert set(found["run"]) == set(found["serve"]) | set(found["consume"])
+
+
+def test_every_action_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    """``dlq``, ``slots`` and ``numbers`` actions describe themselves in their own --help
+    as in their command's list."""
+    for command, actions in ACTIONS.items():
+        rows = _listing(help_of(capsys, command))
+        summaries = {row.split()[0]: " ".join(row.split()[1:]) for row in rows}
+        for action in actions:
+            assert summaries[action], (command, action)
+            own = " ".join(help_of(capsys, command, action).split())
+            assert summaries[action] in own, (command, action)
+
+
+def _listing(help_text: str) -> list[str]:
+    """The rows of the ACTION list in a command's --help (after its ``ACTION`` line)."""
+    lines = help_text.splitlines()
+    rows = []
+    for line in lines[lines.index("  ACTION") + 1 :]:
+        if not line.startswith("    "):
+            break
+        rows.append(line)
+    return rows
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def redis_with_password(tmp_path: Path) -> AsyncIterator[str]:
+    """A Redis server of this test's own that requires the password ``redsecret``: its URL."""
+    server = LocalRedis(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url)
+    await client.config_set("requirepass", "redsecret")
+    await client.aclose()
+    yield f"redis://:redsecret@127.0.0.1:{server.port}/0"
+    server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def new_database(postgres: str) -> AsyncIterator[str]:
+    """The URL, with the password ``pgsecret``, of a database that does not exist yet."""
+    name = f"dev_{uuid.uuid4().hex[:12]}"
+    server = urlsplit(postgres)
+    yield f"postgresql://{server.username}:pgsecret@{server.hostname}:{server.port}/{name}"
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+def spawn_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m streamrec dev`` in ``log``'s directory, its output going to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamrec", "dev"],
+            env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+async def test_dev_is_ready_once_listening_and_a_second_dev_fails_in_one_line(
+    env: dict[str, str],
+    tmp_path: Path,
+    redis_with_password: str,
+    new_database: str,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """dev_ready follows the database and the webhook, passwords masked; a second dev exits 1."""
+    port = free_port()
+    env |= {
+        "REDIS_URL": redis_with_password,
+        "DATABASE_URL": new_database,
+        "STREAMREC_HTTP_HOST": "127.0.0.1",
+        "STREAMREC_HTTP_PORT": str(port),
+        "STREAMREC_METRICS_PORT": "0",
+        "STREAMREC_LOG_FORMAT": "json",
+    }
+    log = tmp_path / "dev.log"
+    first = spawn_dev(env, log)
+    children.append(first)
+    await wait_for(lambda: "dev_ready" in log.read_text(), what="dev_ready")
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.index("database_created") < names.index("webhook_ready") < names.index("dev_ready")
+    [ready] = [e for e in events if e["event"] == "dev_ready"]
+    assert ready["redis"] == redis_with_password.replace("redsecret", "***")
+    assert ready["database"] == new_database.replace("pgsecret", "***")
+    assert "secret" not in log.read_text()
+
+    second = await streamrec("dev", env=env, cwd=tmp_path)
+    assert second.returncode == 1
+    [line] = failure_lines(second.stderr)
+    assert line == (
+        f"streamrec: dev failed: CannotListen: cannot listen on 127.0.0.1:{port}:"
+        " Address already in use"
+    )
+    assert "dev_ready" not in second.stderr
+
+    first.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.wait, DEADLINE_S) == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest_asyncio
@@ -14,11 +16,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamrec import service
+from streamrec import service, status
 from streamrec.devservers import free_port
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
-from streamrec.metrics import Metrics
+from streamrec.metrics import PORTS_TRIED, Metrics
 from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
 from streamrec.settings import Settings
 from tests.conftest import wait_for
@@ -174,6 +176,66 @@ async def test_consumer_process_serves_metrics_that_move(
         if process.poll() is None:
             process.kill()
         await asyncio.to_thread(process.wait, 30)
+
+
+async def beats(redis: aioredis.Redis, keys: Keys, count: int) -> list[dict[str, Any]] | None:
+    """The live heartbeats by consumer name, once there are ``count`` of them."""
+    found = sorted(await status.heartbeats(redis, keys), key=lambda beat: str(beat["name"]))
+    return found if len(found) == count else None
+
+
+async def test_three_consumers_on_one_host_share_the_default_port_setting(
+    redis: aioredis.Redis,
+    keys: Keys,
+    settings: Settings,
+    media: MediaStandIn,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Three ``consume`` with one STREAMREC_METRICS_PORT all start, each works on an entry,
+    and each serves its own /metrics on the port its heartbeat publishes."""
+    base = free_port()
+    for n in range(3):
+        children.append(
+            spawn_consumer(
+                settings, f"c{n}", tmp_path,
+                STREAMREC_METRICS_PORT=str(base), STREAMREC_HTTP_HOST="127.0.0.1",
+                STREAMREC_CONCURRENCY="1",
+            )
+        )  # fmt: skip
+
+    async def all_beating() -> list[dict[str, Any]] | None:
+        exited = [
+            (n, proc.returncode) for n, proc in enumerate(children) if proc.poll() is not None
+        ]
+        assert not exited, f"consumers exited (number, code): {exited}"
+        return await beats(redis, keys, 3)
+
+    started = await wait_for(all_beating, what="three consumers beating")
+    ports = [beat["metrics_port"] for beat in started]
+    assert len(set(ports)) == 3
+    assert base in ports
+    assert all(base <= port < base + PORTS_TRIED for port in ports)
+
+    # One entry at a time each: three downloads held at once are one per consumer.
+    media.gate = asyncio.Event()
+    await enqueue(redis, keys, 3)
+    await wait_for(lambda: sum(media.in_flight.values()) == 3, what="three downloads at once")
+    media.gate.set()
+    done = await wait_for(
+        lambda: _all_processed(redis, keys), what="each consumer's heartbeat counting one entry"
+    )
+    assert [beat["processed"] for beat in done] == [1, 1, 1]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for port in ports:
+            samples = await scrape(session, f"http://127.0.0.1:{port}/metrics")
+            assert samples is not None, port
+            assert completed(samples) == 1, port
+
+
+async def _all_processed(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]] | None:
+    found = await beats(redis, keys, 3)
+    return found if found and all(beat["processed"] == 1 for beat in found) else None
 
 
 async def _completed_at_least(now: Scraper, count: int) -> bool:

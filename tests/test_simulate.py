@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from streamrec import simulate
+from streamrec import devrun, simulate
 from streamrec.devservers import free_port
 from streamrec.keys import Keys
 from streamrec.producer import WebhookConfig, create_app
@@ -147,3 +148,72 @@ async def test_simulate_cli_exits_1_when_refused(
     [line] = finished.stdout.splitlines()
     assert line.split(" ", 2)[1] == "403"
     assert await redis.xlen(keys.stream) == 0
+
+
+def test_simulated_duration_is_that_of_the_development_recording() -> None:
+    """The RecordingDuration simulate sends is the length of the media ``dev`` serves,
+    counted from its MP3 frames (1152 samples at 44.1 kHz each)."""
+    frames = devrun.SILENCE_MP3.count(b"\xff\xfb\x90\x00")
+    seconds = frames * 1152 / 44_100
+    params = simulate.callback_params(ACCOUNT_SID, status="completed", recording_sid=None)
+    assert int(params["RecordingDuration"]) == round(seconds) == 1
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def going_away(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[str]:
+    """The webhook, which answers two callbacks and then drops every connection unanswered."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = WebhookConfig(
+        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, public_url=url, keys=keys
+    )
+    app = create_app(redis, config)
+    answered = 0
+
+    @web.middleware
+    async def two_then_gone(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal answered
+        if answered == 2:
+            assert request.transport is not None
+            request.transport.close()  # as a server that went away mid-run
+            return web.Response(status=500)
+        answered += 1
+        return await handler(request)
+
+    app.middlewares.append(two_then_gone)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield url
+    await runner.cleanup()
+
+
+async def test_simulate_cli_shows_progress_and_a_summary_when_the_server_goes_away(
+    going_away: str, redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+) -> None:
+    """``simulate --count 5`` against a webhook that stops answering after two prints the
+    two accepted callbacks, a summary saying 2 of 5 were accepted, and exits 1."""
+    env = environment(settings, STREAMREC_PUBLIC_URL=going_away)
+    finished = await streamrec("simulate", "--count", "5", env=env, cwd=tmp_path)
+    assert finished.returncode == 1
+    added = [fields["recording_sid"] for _, fields in await entries(redis, keys.stream)]
+    assert [line.split(" ", 2)[:2] for line in finished.stdout.splitlines()] == [
+        [sid, "200"] for sid in added
+    ]
+    assert len(added) == 2
+    assert "Traceback" not in finished.stderr
+    assert f"no answer from {going_away}" in finished.stderr
+    assert "2 of 5 answered: 2 accepted (queued 2)" in finished.stderr
+
+
+async def test_simulate_cli_summarises_a_whole_run(
+    webhook_url: str, settings: Settings, tmp_path: Path
+) -> None:
+    """After the last answer ``simulate`` says how many were accepted, and how."""
+    env = environment(settings, STREAMREC_PUBLIC_URL=webhook_url)
+    sid = recording_sid()
+    finished = await streamrec(
+        "simulate", "--count", "3", "--recording-sid", sid, env=env, cwd=tmp_path
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "3 of 3 answered: 3 accepted (queued 1, duplicate 2)" in finished.stderr

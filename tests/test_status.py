@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from streamrec import deadletters, status
+from streamrec import deadletters, service, status
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
+from streamrec.devservers import free_port
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.monitor import Monitor
 from streamrec.settings import Settings
+from tests.conftest import wait_for
 from tests.processes import environment, streamrec
+from tests.standins import MediaStandIn, enqueue
 
 LENGTH = 6  # entries in the stream
 BY_C1 = 2  # read (not acked) by consumer c1
@@ -70,6 +77,10 @@ async def build_state(redis: aioredis.Redis, keys: Keys) -> list[str]:
 def without_clock(report: dict[str, Any]) -> dict[str, Any]:
     """The report with time-dependent figures dropped."""
     stable = {k: v for k, v in report.items() if k not in CLOCK_FIELDS}
+    if stable.get("oldest_waiting"):
+        stable["oldest_waiting"] = {
+            k: v for k, v in stable["oldest_waiting"].items() if k != "age_ms"
+        }
     stable["consumers"] = [
         {k: v for k, v in c.items() if k not in CONSUMER_CLOCK_FIELDS} for c in report["consumers"]
     ]
@@ -187,3 +198,176 @@ def test_render_of_an_empty_report_says_no_consumers() -> None:
     text = status.render(report)
     assert "length 0" in text
     assert "no consumers" in text
+
+
+async def test_status_shows_the_outcomes_of_the_last_minute_and_hour(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, media: MediaStandIn, tmp_path: Path
+) -> None:
+    """After a consumer completed 3 entries (each retried once) and dead-lettered 1,
+    ``status`` and ``status --json`` show 3 / 3 / 1 for the last minute and hour."""
+    [refused] = await enqueue(redis, keys, 1)
+    media.status_for[refused] = 403
+    await enqueue(redis, keys, 3)
+    await asyncio.wait_for(service.consume(settings, asyncio.Event(), until_idle=True), 60)
+
+    expected = {"completed": 3, "failed": 3, "dead_lettered": 1}
+    report = await status.collect(redis, keys)
+    assert report["throughput"] == {"last_minute": expected, "last_hour": expected}
+    env = environment(settings)
+    printed = await streamrec("status", "--json", env=env, cwd=tmp_path)
+    assert json.loads(printed.stdout)["throughput"]["last_minute"] == expected
+    text = (await streamrec("status", env=env, cwd=tmp_path)).stdout
+    for window in ("last minute", "last hour"):
+        assert f"{window}: completed 3 failed attempts 3 dead-lettered 1" in " ".join(
+            text.split()
+        ), text
+
+
+async def test_a_repeated_heartbeat_counts_nothing_twice(redis: aioredis.Redis, keys: Keys) -> None:
+    """A monitor beating twice (as a retried call would) after 2 completions counts 2."""
+    await enqueue(redis, keys, 2)
+    consumer = Consumer(
+        redis=redis, keys=keys, handler=nothing, config=ConsumerConfig(name="twice")
+    )
+    monitor = Monitor(redis=redis, keys=keys, consumer=consumer, metrics=Metrics())
+    await consumer.run(asyncio.Event(), until_idle=True)
+    assert consumer.processed == 2
+    await monitor.tick()
+    await monitor.tick()
+    counts = await status.throughput(redis, keys)
+    assert counts["last_minute"] == {"completed": 2, "failed": 0, "dead_lettered": 0}
+
+
+async def test_a_consumer_pruned_while_silent_counts_only_what_it_had_not(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A consumer whose heartbeat expired and was pruned by another's beat adds, when it
+    beats again, only the outcomes it had not counted yet, not its whole history."""
+    consumer = Consumer(
+        redis=redis, keys=keys, handler=nothing, config=ConsumerConfig(name="silent")
+    )
+    monitor = Monitor(redis=redis, keys=keys, consumer=consumer, metrics=Metrics(), interval_s=0.1)
+    await enqueue(redis, keys, 2)
+    await consumer.run(asyncio.Event(), until_idle=True)
+    await monitor.tick()  # its beat lives a second
+    await wait_for(lambda: _no_heartbeats(redis, keys), what="the heartbeat expired")
+    await monitor_of(redis, keys, "other").tick()  # prunes it, and what it had counted
+    assert not await redis.hexists(keys.outcome_totals, "silent:completed")
+
+    await enqueue(redis, keys, 1)
+    await consumer.run(asyncio.Event(), until_idle=True)
+    await monitor.tick()
+    counts = await status.throughput(redis, keys)
+    assert counts["last_minute"]["completed"] == 3
+
+
+async def _no_heartbeats(redis: aioredis.Redis, keys: Keys) -> bool:
+    return not await status.heartbeats(redis, keys)
+
+
+async def test_status_shows_each_consumer_processed_rate_and_metrics_port(
+    redis: aioredis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """A live consumer's line in ``status`` shows what it processed, its rate and the
+    port its /metrics is on, from its heartbeat."""
+    port = free_port()
+    live = settings.model_copy(
+        update={"metrics_port": port, "http_host": "127.0.0.1", "reconcile_interval_s": 0}
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.consume(live, stop))
+    try:
+        await enqueue(redis, keys, 3)
+        report = await wait_for(lambda: _processed(redis, keys, 3), what="a beat with 3 done")
+    finally:
+        stop.set()
+        await running
+    [consumer] = report["consumers"]
+    beat = consumer["heartbeat"]
+    assert (beat["processed"], beat["metrics_port"]) == (3, port)
+    assert beat["rate_per_s"] > 0
+    [line] = [line for line in status.render(report).splitlines() if "test-consumer" in line]
+    flat = " ".join(line.split())
+    assert "processed 3" in flat
+    assert f"{beat['rate_per_s']:.2f}/s" in flat
+    assert f"metrics {beat['host']}:{port}" in flat
+
+
+async def _processed(redis: aioredis.Redis, keys: Keys, count: int) -> dict[str, Any] | None:
+    report = await status.collect(redis, keys)
+    beats = [c["heartbeat"] for c in report["consumers"] if c["heartbeat"]]
+    return report if beats and beats[0]["processed"] == count else None
+
+
+async def test_oldest_waiting_is_the_oldest_pending_else_the_oldest_undelivered(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """With nothing waiting it is None; with lag it is the first entry after the last
+    delivered one; once that is read, the same entry as pending; its age is since its id."""
+    assert (await status.collect(redis, keys))["oldest_waiting"] is None
+    ids = [str(await redis.xadd(keys.stream, {"v": "1", "n": str(n)})) for n in range(3)]
+    assert (await status.collect(redis, keys))["oldest_waiting"]["id"] == ids[0]
+    await redis.xgroup_create(keys.stream, keys.group, id="0")
+    await redis.xreadgroup(keys.group, "c1", {keys.stream: ">"}, count=1)
+    await redis.xack(keys.stream, keys.group, ids[0])
+    await redis.xdel(keys.stream, ids[0])
+
+    undelivered = (await status.collect(redis, keys))["oldest_waiting"]
+    assert (undelivered["id"], undelivered["delivered"]) == (ids[1], False)
+    await redis.xreadgroup(keys.group, "c1", {keys.stream: ">"}, count=1)
+    report = await status.collect(redis, keys)
+    pending = report["oldest_waiting"]
+    assert (pending["id"], pending["delivered"]) == (ids[1], True)
+    seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    assert 0 <= pending["age_ms"] <= now_ms - int(ids[1].split("-")[0])
+    assert f"oldest waiting {ids[1]}" in status.render(report)
+
+
+async def test_status_watch_redraws_in_place(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+) -> None:
+    """``status --watch`` clears the screen and redraws each frame; with --json it writes
+    one document per line."""
+    await build_state(redis, keys)
+    env = environment(settings)
+    shown = await streamrec("status", "--watch", "0.05", "--count", "3", env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    frames = shown.stdout.split(status.CLEAR)
+    assert frames[0] == ""
+    assert len(frames) == 4
+    for frame in frames[1:]:
+        assert f"length {LENGTH}" in " ".join(frame.split())
+    lines = await streamrec(
+        "status", "--json", "--watch", "0.05", "--count", "2", env=env, cwd=tmp_path
+    )
+    assert lines.returncode == 0, lines.stderr
+    documents = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [d["length"] for d in documents] == [LENGTH, LENGTH]
+
+
+def watch_in_background(
+    settings: Settings, cwd: Path, out: Path, err: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``status --watch 0.1`` writing to ``out`` and ``err``."""
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamrec", "status", "--watch", "0.1"],
+            env=environment(settings),
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+async def test_status_watch_stops_cleanly_on_ctrl_c(
+    settings: Settings, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """SIGINT (Ctrl-C) ends ``status --watch`` with exit 0 and no traceback."""
+    out, err = tmp_path / "out", tmp_path / "err"
+    watching = watch_in_background(settings, tmp_path, out, err)
+    children.append(watching)
+    await wait_for(lambda: out.read_text().count(status.CLEAR) >= 2, what="two frames drawn")
+    watching.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(watching.wait, 10) == 0
+    assert "Traceback" not in err.read_text()

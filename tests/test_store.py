@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import shutil
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -13,11 +18,11 @@ import pytest
 import pytest_asyncio
 
 from streamrec import store
-from streamrec.devservers import free_port
+from streamrec.devservers import LocalPostgres, free_port
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, Unavailable
 from streamrec.store import Progress, Store
-from tests.conftest import database_url_for
+from tests.conftest import database_url_for, wait_for
 from tests.standins import ACCOUNT_SID, call_sid, recording_sid
 
 
@@ -69,6 +74,71 @@ async def test_migrate_creates_missing_database_and_is_idempotent(missing_databa
         assert await conn.fetchval("SELECT to_regclass('recordings') IS NOT NULL")
     finally:
         await conn.close()
+
+
+async def migrate_process(
+    database_url: str, wait_s: float, cwd: Path, stderr: Any
+) -> asyncio.subprocess.Process:
+    """``python -m streamrec migrate --wait wait_s`` against ``database_url``, JSON logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "TWILIO_"))}
+    env |= {"DATABASE_URL": database_url, "STREAMREC_LOG_FORMAT": "json"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamrec", "migrate", "--wait", str(wait_s),
+        env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr,
+    )  # fmt: skip
+
+
+async def test_migrate_waits_for_a_database_that_starts_later(
+    server_dir: Path, tmp_path: Path
+) -> None:
+    """``migrate --wait`` started before PostgreSQL waits for it, then applies every migration."""
+    server = LocalPostgres(server_dir / f"late-{uuid.uuid4().hex[:8]}", durable=False)
+    log = tmp_path / "migrate.log"
+    with log.open("wb") as stderr:
+        process = await migrate_process(server.url("streamrec"), 60, tmp_path, stderr)
+    try:
+        await wait_for(
+            lambda: "database_waiting" in log.read_text() or process.returncode is not None,
+            what="migrate to wait for PostgreSQL",
+        )
+        assert process.returncode is None, log.read_text()
+        await asyncio.to_thread(server.start)
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(server.directory, ignore_errors=True)
+    assert process.returncode == 0, log.read_text()
+    versions = [version for version, _, _ in store.migrations()]
+    assert out.decode().strip() == f"migrations applied: {versions}"
+
+
+async def test_migrate_gives_up_after_its_wait_with_one_line(tmp_path: Path) -> None:
+    """With no server, ``migrate --wait 1`` exits 1 after 1 s: one line naming host:port."""
+    port = free_port()
+    started = time.monotonic()
+    process = await migrate_process(
+        f"postgresql://streamrec:s3cret@127.0.0.1:{port}/streamrec",
+        1,
+        tmp_path,
+        asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    elapsed = time.monotonic() - started
+    assert process.returncode == 1
+    lines = err.decode().splitlines()
+    logs = [line for line in lines if line.startswith("{")]  # JSON log lines
+    said = [line for line in lines if not line.startswith("{")]
+    assert any("database_waiting" in line for line in logs), logs
+    assert len(said) == 1, said
+    assert f"PostgreSQL at 127.0.0.1:{port} did not accept a connection within 1 s" in said[0]
+    assert "s3cret" not in err.decode()
+    assert elapsed >= 1.0
 
 
 async def test_recording_sid_is_unique(db: Any) -> None:
