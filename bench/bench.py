@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis.asyncio as aioredis
 
 from streamrec import logging as logs
-from streamrec import service, store
+from streamrec import schema, service
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
 from streamrec.devservers import LocalPostgres, LocalRedis, free_port
 from streamrec.events import RecordingEvent
@@ -229,7 +229,7 @@ async def pipeline(b: Bench, recordings: int) -> None:
     keys = Keys("bench-pipeline")
     try:
         database = postgres.url("streamrec")
-        await store.migrate(database)
+        await schema.migrate(database)
         enqueuer = Enqueuer(b.redis, keys, dedupe_ttl_s=3600)
         await ensure_group(b.redis, keys)
         for start in range(0, recordings, 50):

@@ -31,7 +31,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from streamrec import logging as logs
-from streamrec import numbers, store, twilio_api
+from streamrec import numbers, schema, twilio_api
 from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
 from streamrec.producer import Enqueuer
@@ -120,7 +120,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> None:
     await media.start()
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     database = postgres.url("streamrec")
-    await store.migrate(database)
+    await schema.migrate(database)
     pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
     try:
         keys = Keys("bench-reconcile")

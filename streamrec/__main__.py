@@ -22,11 +22,11 @@ from streamrec import (
     numbers,
     reads,
     reconcile,
+    schema,
     semaphore,
     service,
     simulate,
     status,
-    store,
 )
 from streamrec import logging as logs
 from streamrec.devservers import ServerError
@@ -254,7 +254,7 @@ async def _dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    applied = await store.migrate(settings.database_url, wait_s=args.wait)
+    applied = await schema.migrate(settings.database_url, wait_s=args.wait)
     print(f"migrations applied: {applied or 'none (up to date)'}")
     return 0
 
@@ -377,7 +377,7 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
         window = reconcile.Window(args.first, args.last)
     else:
         window = reconcile.Window.since(args.since or settings.reconcile_lookback_h)
-    await store.migrate(settings.database_url)
+    await schema.migrate(settings.database_url)
     async with (
         service.open_redis(settings) as redis,
         service.open_reconciler(settings, redis, Metrics()) as reconciler,
@@ -395,7 +395,7 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _numbers(args: argparse.Namespace, settings: Settings) -> int:
-    await store.migrate(settings.database_url)
+    await schema.migrate(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     try:
         if args.action == "add":

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
-from streamrec import service, store
+from streamrec import schema, service
 from streamrec.devservers import LocalPostgres, LocalRedis, answers, free_port
 from streamrec.settings import Settings
 
@@ -104,7 +104,7 @@ async def run(settings: Settings, stop: asyncio.Event, directory: Path) -> None:
     """
     with local_servers(settings, directory) as servers:
         async with dev_media(servers) as ready:
-            await store.migrate(ready.database_url)
+            await schema.migrate(ready.database_url)
             await service.run_all(ready, stop, on_ready=lambda: _ready(ready))
 
 

@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from streamrec import health, store, twilio_api
+from streamrec import health, schema, store, twilio_api
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics, serving
@@ -138,7 +138,7 @@ async def consume(
     /metrics server on that port or the next free one (its heartbeat says which).
     With ``check_redis``, a Redis before 7.0 is refused first (UnsupportedRedis).
     """
-    await store.migrate(settings.database_url)
+    await schema.migrate(settings.database_url)
     metrics = metrics or Metrics()
     keys = Keys(settings.namespace)
     async with contextlib.AsyncExitStack() as stack:

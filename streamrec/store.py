@@ -1,4 +1,4 @@
-"""PostgreSQL: the schema migrations and the recordings table.
+"""PostgreSQL: the recordings table (the schema and its migrations: ``streamrec.schema``).
 
 Every write is keyed on RecordingSid, so running a stage twice leaves one row.
 A failed statement is sorted by cause, not by exception class: bad data (a value
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -27,21 +23,11 @@ import structlog
 from streamrec.batch import Batcher
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, Unavailable, describe
-from streamrec.settings import address
 
 log = structlog.get_logger("streamrec.store")
 
-MIGRATION_LOCK = 0x5EC0_0001  # advisory lock id: one migrator at a time across replicas
 PROBE_TIMEOUT_S = 5.0
 """How long the database has to answer ``SELECT 1`` after a failed statement."""
-WAIT_POLL_S = 0.5  # how often migrate tries again while it waits for the server
-# What a server that is not up yet answers: nothing (refused, unresolved, timed
-# out) or "the database system is starting up" (SQLSTATE 57P03).
-NOT_UP = (OSError, TimeoutError, asyncpg.CannotConnectNowError)
-
-
-class DatabaseUnreachable(ConnectionError):
-    """PostgreSQL did not accept a connection within the time allowed."""
 
 
 def _bad_data(error: BaseException) -> bool:
@@ -66,99 +52,6 @@ class Progress:
     transcript: str | None
     deleted_at: datetime | None = None
     """When the delete stage found the recording gone from Twilio (None: not yet)."""
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The packaged migrations as (version, name, sql), in order."""
-    found = []
-    for entry in resources.files("streamrec.migrations").iterdir():
-        match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
-        if match:
-            found.append((int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-async def migrate(dsn: str, *, wait_s: float = 0.0) -> list[int]:
-    """Create the database if missing, then apply pending migrations; returns those applied.
-
-    Waits up to ``wait_s`` seconds for the server (``wait_for_server``). Safe to run
-    from many replicas at once: an advisory lock serialises them.
-    """
-    await wait_for_server(dsn, wait_s=wait_s)
-    await _create_database_if_missing(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        applied = []
-        for version, name, sql in migrations():
-            if version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-                )
-            applied.append(version)
-            log.info("migration_applied", version=version, name=name)
-        return applied
-    finally:
-        await conn.close()
-
-
-async def wait_for_server(dsn: str, *, wait_s: float) -> None:
-    """Return once the server of ``dsn`` accepts a connection (its database may be missing).
-
-    While the server is not up, tries again every WAIT_POLL_S for up to ``wait_s``
-    seconds, then raises DatabaseUnreachable naming host:port and the last error.
-    Any other refusal (a wrong password) raises at once: waiting cannot fix it.
-    """
-    clock = asyncio.get_running_loop().time
-    deadline = clock() + wait_s
-    for attempt in itertools.count():
-        try:  # one attempt may outlast the deadline by PROBE_TIMEOUT_S at most
-            conn = await asyncpg.connect(dsn, timeout=max(deadline - clock(), PROBE_TIMEOUT_S))
-        except asyncpg.InvalidCatalogNameError:
-            return  # the server answers; migrate creates the database
-        except NOT_UP as exc:
-            if clock() >= deadline:
-                waited = f" within {wait_s:g} s" if wait_s > 0 else ""
-                raise DatabaseUnreachable(
-                    f"PostgreSQL at {address(dsn)} did not accept"
-                    f" a connection{waited} ({describe(exc)})"
-                ) from exc
-            if attempt == 0:
-                log.info("database_waiting", address=address(dsn), wait_s=wait_s,
-                         error=describe(exc))  # fmt: skip
-            await asyncio.sleep(min(WAIT_POLL_S, deadline - clock()))
-        else:
-            await conn.close()
-            return
-
-
-async def _create_database_if_missing(dsn: str) -> None:
-    try:
-        conn = await asyncpg.connect(dsn)
-    except asyncpg.InvalidCatalogNameError:
-        pass
-    else:
-        await conn.close()
-        return
-    parts = urlsplit(dsn)
-    name = parts.path.lstrip("/")
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), "")}"')
-        log.info("database_created", database=name)
-    except asyncpg.DuplicateDatabaseError:
-        pass
-    finally:
-        await admin.close()
 
 
 class PlainConnection(asyncpg.Connection):  # type: ignore[misc]

@@ -37,7 +37,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from streamrec import numbers, store
+from streamrec import numbers, schema
 from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
 from streamrec.service import redis_client
@@ -111,7 +111,7 @@ class Chaos:
         self.media.delay_s = self.config.media_delay_s
         self.openai.delay_s = self.config.transcribe_delay_s
         database = self.postgres.url("streamrec")
-        await store.migrate(database)
+        await schema.migrate(database)
         self.settings = Settings(
             redis_url=self.redis_server.url,
             database_url=database,

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from streamrec import store
+from streamrec import schema
 from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
 from streamrec.settings import Settings
@@ -78,7 +78,7 @@ async def template_db(postgres: str) -> str:
         await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     finally:
         await admin.close()
-    await store.migrate(database_url_for(postgres, TEMPLATE_DB))
+    await schema.migrate(database_url_for(postgres, TEMPLATE_DB))
     return TEMPLATE_DB
 
 

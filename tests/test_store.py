@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from streamrec import store
+from streamrec import schema
 from streamrec.devservers import LocalPostgres, free_port
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, Unavailable
@@ -61,11 +61,11 @@ async def test_migrate_creates_missing_database_and_is_idempotent(missing_databa
     """migrate creates a missing database and applies every migration; a rerun applies none."""
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         await asyncpg.connect(missing_database)
-    versions = [version for version, _, _ in store.migrations()]
+    versions = [version for version, _, _ in schema.migrations()]
     assert versions, "no packaged migrations found"
 
-    assert await store.migrate(missing_database) == versions
-    assert await store.migrate(missing_database) == []
+    assert await schema.migrate(missing_database) == versions
+    assert await schema.migrate(missing_database) == []
 
     conn = await asyncpg.connect(missing_database)
     try:
@@ -113,7 +113,7 @@ async def test_migrate_waits_for_a_database_that_starts_later(
         await asyncio.to_thread(server.stop)
         shutil.rmtree(server.directory, ignore_errors=True)
     assert process.returncode == 0, log.read_text()
-    versions = [version for version, _, _ in store.migrations()]
+    versions = [version for version, _, _ in schema.migrations()]
     assert out.decode().strip() == f"migrations applied: {versions}"
 
 
