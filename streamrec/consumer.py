@@ -57,6 +57,8 @@ Delivery contract
   frees; it holds no concurrency while it waits, and its delivery count
   travels with it. A woken entry is marked so (``woken``) and keeps its place:
   its reserved slot is held for it until it is read, however long the backlog.
+  Slots freed without a release (a crashed holder) are found by a sweep that
+  one consumer of the group runs per period, over the businesses due only.
 * **Shutdown.** When ``stop`` is set the consumer stops reading, lets in-flight
   handlers finish within the grace period, cancels the rest and leaves their
   entries pending for reclaim; their slots are released.
