@@ -372,10 +372,8 @@ async def test_an_entry_runs_once_at_a_time_while_renewals_fail(
     assert peak == 1
 
 
-async def test_a_claim_lost_mid_job_stops_it_before_its_next_stage(
-    redis: aioredis.Redis, keys: Keys
-) -> None:
-    """Once another consumer owns the entry, the handler is stopped and does no more stages."""
+def two_stages() -> tuple[asyncio.Event, list[str], Handler]:
+    """A handler whose first stage never ends by itself: (started, stages run, handler)."""
     downloaded = asyncio.Event()
     stages: list[str] = []
 
@@ -385,6 +383,14 @@ async def test_a_claim_lost_mid_job_stops_it_before_its_next_stage(
         await asyncio.Event().wait()  # the download, still under way
         stages.append("transcribe")
 
+    return downloaded, stages, handler
+
+
+async def test_a_claim_lost_mid_job_stops_it_before_its_next_stage(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Once another consumer owns the entry, the handler is stopped and does no more stages."""
+    downloaded, stages, handler = two_stages()
     [entry_id] = await add(redis, keys, 1)
     consumer = make(redis, keys, handler, claim_idle_ms=300)
     async with running_consumer(consumer):
@@ -401,15 +407,7 @@ async def test_a_slot_lease_lost_mid_job_stops_it_before_its_next_stage(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
     """Once the entry's slot went to another entry, the handler is stopped: the limit holds."""
-    downloaded = asyncio.Event()
-    stages: list[str] = []
-
-    async def handler(delivery: Delivery) -> None:
-        stages.append("download")
-        downloaded.set()
-        await asyncio.Event().wait()  # the download, still under way
-        stages.append("transcribe")
-
+    downloaded, stages, handler = two_stages()
     await redis.xadd(keys.stream, {"business_id": "a"})
     config = ConsumerConfig(name="c1", claim_idle_ms=1_000, block_ms=50)
     slots = Slots(redis, keys, default_limit=1, lease_ms=300)
