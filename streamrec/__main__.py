@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamrec import (
+    businesses,
     deadletters,
     devrun,
     health,
@@ -53,6 +54,7 @@ SUMMARIES = {
     "reconcile": "enqueue the account's recordings whose callbacks never arrived"
     " (Twilio's REST API)",
     "numbers": "map phone numbers to businesses, for reconcile",
+    "businesses": "per-business transcription: mode, model, language, channels, speakers",
 }
 LOGGING = ("STREAMREC_LOG_FORMAT", "STREAMREC_LOG_LEVEL")
 """What ``main`` reads for every command before running it."""
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     _dlq_parser(commands["dlq"])
     _reconcile_parser(commands["reconcile"])
     _numbers_parser(commands["numbers"])
+    businesses.add_arguments(commands["businesses"])
     slots = commands["slots"].add_subparsers(dest="action", required=True, metavar="ACTION")
     _action(slots, "list", "per business: slots in use / limit, parked entries")
     limit = _action(slots, "set", "override one business's limit")
@@ -394,29 +397,6 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if outcome.error else 0
 
 
-async def _numbers(args: argparse.Namespace, settings: Settings) -> int:
-    await schema.migrate(settings.database_url)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        if args.action == "add":
-            await numbers.add(conn, args.number, args.business_id)
-            print(f"{args.number} -> {args.business_id}")
-        elif args.action == "remove":
-            if not await numbers.remove(conn, args.number):
-                print(f"streamrec: {args.number} is not mapped", file=sys.stderr)
-                return 1
-            print(f"{args.number} removed")
-        else:
-            for number, business in (await numbers.mapping(conn)).items():
-                print(f"{number:<16} {business}")
-    except numbers.InvalidNumber as exc:
-        print(f"streamrec: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        await conn.close()
-    return 0
-
-
 TOOLS: dict[str, Tool] = {
     "serve": _serve,
     "consume": _consume,
@@ -429,7 +409,8 @@ TOOLS: dict[str, Tool] = {
     "dlq": _dlq,
     "slots": _slots,
     "reconcile": _reconcile,
-    "numbers": _numbers,
+    "numbers": numbers.command,
+    "businesses": businesses.command,
 }
 
 

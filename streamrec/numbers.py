@@ -9,10 +9,16 @@ outbound one. Numbers are E.164 (``+15551234567``), as Twilio writes them.
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from typing import Any
 
+import asyncpg
+
+from streamrec import schema
 from streamrec.events import BUSINESS_ID_RULE, is_business_id
+from streamrec.settings import Settings
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
@@ -64,3 +70,27 @@ def business_of(
     if (direction or "").startswith("outbound"):
         return mapped.get(from_ or "")
     return None
+
+
+async def command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``numbers add|list|remove``: 0 done; 1 the number was not mapped; 2 a bad number."""
+    await schema.migrate(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if args.action == "add":
+            await add(conn, args.number, args.business_id)
+            print(f"{args.number} -> {args.business_id}")
+        elif args.action == "remove":
+            if not await remove(conn, args.number):
+                print(f"streamrec: {args.number} is not mapped", file=sys.stderr)
+                return 1
+            print(f"{args.number} removed")
+        else:
+            for number, business in (await mapping(conn)).items():
+                print(f"{number:<16} {business}")
+    except InvalidNumber as exc:
+        print(f"streamrec: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    return 0

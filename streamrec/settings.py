@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     transcribe_model: str = Field(
         "gpt-4o-mini-transcribe", validation_alias="STREAMREC_TRANSCRIBE_MODEL"
     )
+    transcribe_mode: Literal["transcribe", "download-only"] = Field(
+        "transcribe", validation_alias="STREAMREC_TRANSCRIBE_MODE"
+    )
+    transcribe_language: str | None = Field(
+        None, validation_alias="STREAMREC_TRANSCRIBE_LANGUAGE", pattern=r"^[a-z]{2,3}$"
+    )
+    transcribe_channels: Literal["split", "mixed"] = Field(
+        "split", validation_alias="STREAMREC_TRANSCRIBE_CHANNELS"
+    )
+    transcribe_chunk_s: float = Field(
+        1200.0, validation_alias="STREAMREC_TRANSCRIBE_CHUNK_S", ge=10, le=1360
+    )
+    transcribe_overlap_s: float = Field(
+        1.0, validation_alias="STREAMREC_TRANSCRIBE_OVERLAP_S", ge=0, le=10
+    )
+    transcribe_chunk_concurrency: int = Field(
+        4, validation_alias="STREAMREC_TRANSCRIBE_CHUNK_CONCURRENCY", ge=1, le=64
+    )
     delete_from_twilio: bool = Field(False, validation_alias="STREAMREC_DELETE_FROM_TWILIO")
     concurrency: int = Field(16, validation_alias="STREAMREC_CONCURRENCY", ge=1, le=10_000)
     claim_idle_ms: int = Field(60_000, validation_alias="STREAMREC_CLAIM_IDLE_MS", ge=100)

@@ -343,12 +343,13 @@ async def test_a_dot_dot_business_writes_nothing_outside_the_media_dir(
 
 COMMANDS = (
     "serve", "consume", "run", "dev", "migrate", "status", "check", "simulate", "dlq", "slots",
-    "reconcile", "numbers",
+    "reconcile", "numbers", "businesses",
 )  # fmt: skip
 ACTIONS = {
     "dlq": ("list", "replay", "purge"),
     "slots": ("list", "set", "unset"),
     "numbers": ("add", "list", "remove"),
+    "businesses": ("set", "unset", "delete", "show", "list"),
 }
 
 
@@ -373,8 +374,8 @@ def test_every_help_lists_real_variables_once(capsys: pytest.CaptureFixture[str]
 
 
 def test_every_action_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
-    """``dlq``, ``slots`` and ``numbers`` actions describe themselves in their own --help
-    as in their command's list."""
+    """Actions of ``dlq``, ``slots``, ``numbers`` and ``businesses`` describe themselves
+    in their own --help as in their command's list."""
     for command, actions in ACTIONS.items():
         rows = _listing(help_of(capsys, command))
         summaries = {row.split()[0]: " ".join(row.split()[1:]) for row in rows}
