@@ -6,8 +6,9 @@ the first requests of each recording; ``DELETE .../Recordings/{Sid}.json``
 answers 204, then 404 (and so does the media) once the recording is deleted;
 the Recordings list and the Calls resource are ``tests/twilio_rest.py``'s.
 ``OpenAIStandIn`` serves ``POST /v1/audio/transcriptions`` (multipart, Bearer
-auth) and answers as OpenAI does, errors included, so the real ``openai`` SDK
-drives it.
+auth), decodes each upload and answers with the words it heard, as OpenAI
+does, errors included (bodies in ``tests/openai_audio.py``), so the real
+``openai`` SDK drives it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import av
 import redis.asyncio as aioredis
 from aiohttp import web
 from twilio.request_validator import RequestValidator
@@ -29,13 +31,16 @@ from twilio.request_validator import RequestValidator
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
 from streamrec.producer import Enqueuer
+from tests import openai_audio
+from tests.audio import Heard, Word, audio_bytes, hear
+from tests.openai_audio import Upload
 from tests.twilio_rest import RestResources
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 OPENAI_KEY = "sk-test"
-# A minimal mp3: an ID3v2 header, then one frame-sync header and padding.
-AUDIO = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" + bytes(2000)
+AUDIO = audio_bytes(fmt="mp3", rate=8000, duration_s=0.5, channels=[[]])
+"""A real mp3 (ID3 tag, then frames): half a second of near-silence, 8 kHz mono."""
 
 
 def recording_sid() -> str:
@@ -175,6 +180,8 @@ class MediaStandIn(_Server):
         """How many requests of each recording get Twilio's early 404."""
         self.requests: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
+        self.query_of: dict[str, dict[str, str]] = {}
+        """Per RecordingSid, the query string of its last media request."""
         self.unauthorized = 0
         self.status_for: dict[str, int] = {}
         self.body_for: dict[str, bytes] = {}
@@ -220,6 +227,7 @@ class MediaStandIn(_Server):
         if request.match_info["account"] != ACCOUNT_SID or ext != "mp3":
             return web.json_response({"code": 20404, "message": "not found"}, status=404)
         self.requests[sid] += 1
+        self.query_of[sid] = dict(request.query)
         with _span(self.spans[sid]):
             return await self._answer(sid)
 
@@ -273,55 +281,121 @@ class MediaStandIn(_Server):
 
 
 class OpenAIStandIn(_Server):
-    """OpenAI's audio transcription endpoint."""
+    """OpenAI's audio transcription endpoint, which hears what it is sent.
+
+    Each upload is decoded with PyAV (``tests/audio.py``'s ``hear``) and
+    recorded in ``uploads``; the transcript is the words heard, in the shape
+    the ``response_format`` asks for. It refuses as OpenAI does: a body over
+    25 MiB (413), a file that is not audio, a format the model does not
+    produce, audio longer than the model takes, a long upload to a diarizing
+    model without ``chunking_strategy`` (400s).
+    """
 
     def __init__(self) -> None:
-        app = web.Application(client_max_size=30 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/audio/transcriptions", self._transcribe)
         super().__init__(app)
         self.calls: Counter[str] = Counter()
+        """Requests per RecordingSid (the file name before its first dot)."""
         self.models: list[str] = []
         self.error_for: dict[str, tuple[int, dict[str, Any]]] = {}
         self.gate: asyncio.Event | None = None
         self.hold: set[str] | None = None
         """With a gate: the recordings held at it (None: all of them)."""
+        self.hold_after = 0
+        """With a gate: how many calls are answered before it holds the rest."""
+        self.passed = 0
+        """Calls the gate let through under ``hold_after``."""
         self.delay_s = 0.0
         """Simulated transcription time."""
         self.waiting: Counter[str] = Counter()
         self.text_for: dict[str, str] = {}
-        """Transcripts to answer instead of ``transcript of {sid}`` (JSON-escaped as OpenAI's)."""
+        """Transcripts to answer instead of the words heard (JSON-escaped as OpenAI's)."""
         self.spans: defaultdict[str, list[Span]] = defaultdict(list)
         """Per RecordingSid, each transcription call answered."""
+        self.max_duration_s: float | None = 1400.0
+        """The longest audio the gpt-4o models take (whisper-1 has only the size limit)."""
+        self.uploads: list[Upload] = []
+        """Every upload decoded, in arrival order, refused ones included."""
+        self.errors: list[tuple[str, int, str]] = []
+        """``(sid, status, body)`` of every error answered, injected ones included."""
 
     async def _transcribe(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {OPENAI_KEY}":
-            return _openai_error(401, "Incorrect API key provided", "invalid_api_key")
+            return openai_audio.error(401, "Incorrect API key provided", code="invalid_api_key")
         form = await request.post()
         upload = form.get("file")
         if not isinstance(upload, web.FileField) or not form.get("model"):
-            return _openai_error(400, "file and model are required", None)
+            return openai_audio.error(400, "file and model are required", code=None)
         sid = upload.filename.partition(".")[0]
         self.calls[sid] += 1
         self.models.append(str(form["model"]))
         with _span(self.spans[sid]):
-            return await self._answer(sid)
+            response = await self._answer(
+                openai_audio.read(sid, form, upload, request.content_length)
+            )
+        if response.status >= 400:
+            self.errors.append((sid, response.status, response.text or ""))
+        return response
 
-    async def _answer(self, sid: str) -> web.Response:
-        if sid in self.error_for:
-            status, error = self.error_for[sid]
+    async def _answer(self, request: openai_audio.Request) -> web.Response:
+        if request.sid in self.error_for:
+            status, error = self.error_for[request.sid]
             return web.json_response({"error": error}, status=status)
+        if request.size > openai_audio.MAX_CONTENT_BYTES:
+            return openai_audio.too_large(request.size)
+        if request.filename.rpartition(".")[2].lower() not in openai_audio.EXTENSIONS:
+            return openai_audio.bad_extension()
+        try:
+            heard = await asyncio.to_thread(hear, request.file)
+        except (av.FFmpegError, ValueError):
+            return openai_audio.undecodable()
+        refusal = self._refusal(request, heard)
+        self.uploads.append(openai_audio.upload(request, heard, refusal.status if refusal else 200))
+        if refusal is not None:
+            return refusal
+        await self._wait(request.sid)
+        words = [word for _, _, word in heard.words]
+        if request.sid in self.text_for or not words:
+            text = self.text_for.get(request.sid, f"transcript of {request.sid}")
+            timed: list[Word] = []
+        else:
+            text, timed = " ".join(words), heard.words
+        return openai_audio.answer(
+            text=text,
+            words=timed,
+            duration_s=heard.duration_s,
+            model=request.model,
+            response_format=request.response_format,
+            language=request.language,
+            granularities=request.granularities,
+        )
+
+    def _refusal(self, request: openai_audio.Request, heard: Heard) -> web.Response | None:
+        """OpenAI's 400 for this upload, or None when it would be transcribed."""
+        if request.response_format not in openai_audio.formats_of(request.model):
+            return openai_audio.incompatible(request.response_format, request.model)
+        limit = None if request.model.startswith("whisper") else self.max_duration_s
+        if limit is not None and heard.duration_s > limit:
+            return openai_audio.too_long(heard.duration_s, limit)
+        diarizing = "diarize" in request.model
+        if (
+            diarizing
+            and heard.duration_s > openai_audio.DIARIZE_UNCHUNKED_S
+            and not request.chunked
+        ):
+            return openai_audio.unchunked()
+        return None
+
+    async def _wait(self, sid: str) -> None:
         if self.gate is not None and (self.hold is None or sid in self.hold):
-            self.waiting[sid] += 1
-            await self.gate.wait()
+            if self.passed < self.hold_after:
+                self.passed += 1
+            else:
+                self.waiting[sid] += 1
+                await self.gate.wait()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)  # transcription takes time, not a wait for state
-        return web.json_response({"text": self.text_for.get(sid, f"transcript of {sid}")})
-
-
-def _openai_error(status: int, message: str, code: str | None) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": code}}  # fmt: skip
-    return web.json_response(body, status=status)
 
 
 def quota_error() -> tuple[int, dict[str, Any]]:
