@@ -12,7 +12,9 @@ Delivery contract
 * **Idempotent side effects.** A handler may run more than once for one entry
   (after a crash, or when this process gave the entry up). The recording
   pipeline is keyed on RecordingSid: one row per recording, and a redelivered
-  entry resumes at the first stage not yet committed.
+  entry resumes at the first stage not yet committed; within the transcription
+  stage, at the first chunk of each channel not yet committed, so a recording's
+  audio is transcribed once per chunk however often its consumers die.
 * **Reclaim.** Every consumer runs XAUTOCLAIM over the group with min-idle
   ``STREAMREC_CLAIM_IDLE_MS`` at most every third of it, so the entries of a
   dead consumer are finished by a live one that much after its last sign of

@@ -1,16 +1,18 @@
 """The recording pipeline: the handler the consumer runs for each recording event.
 
 Stages, each committed in PostgreSQL before the next starts: download the media,
-transcribe it (when a transcriber is configured), mark the row completed and,
-when asked to, delete the recording from Twilio (checkpoint ``deleted_at``). A
-redelivered entry resumes at the first stage not yet done: the media client
-skips a file already in place (it is renamed there only when whole), a
+transcribe it (when a transcriber is configured and the business's mode is
+``transcribe``: ``streamrec.conversation``, which commits each chunk as it is
+transcribed), mark the row completed with what the file says of its audio
+(duration, channels, sample rate) and, when asked to, delete the recording from
+Twilio (checkpoint ``deleted_at``). A redelivered entry resumes at the first
+stage not yet done: the media client skips a file already in place (it is
+renamed there only when whole), committed chunks are not transcribed again, a
 committed row is not written again, and a completed row not yet deleted is
-deleted. A transcript obtained but not yet committed (PostgreSQL failed the
-write) is kept in this process for the entry's next attempt, so an outage of
-our own database costs no second transcription. Before each side-effecting
-stage the delivery must still be ours (``Delivery.ensure_owned`` raises
-``Lost`` otherwise).
+deleted. An outage of our own database costs no second transcription: chunks
+are committed one by one, and one whose commit failed is kept in this process
+for the entry's next attempt. Before each side-effecting stage the delivery
+must still be ours (``Delivery.ensure_owned`` raises ``Lost`` otherwise).
 
 Twilio's copy is deleted only once ours is safe: the row is committed
 ``completed``, and the file at its ``audio_path`` has its ``audio_bytes`` and
@@ -20,24 +22,28 @@ failed are never deleted (there is no audio of ours to stand for them).
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from streamrec import audio
+from streamrec.businesses import Profile
+from streamrec.conversation import Transcript, Transcripts
 from streamrec.delivery import Delivery
 from streamrec.events import InvalidEvent, RecordingEvent
 from streamrec.metrics import Metrics
 from streamrec.retry import PermanentError, describe
-from streamrec.store import Progress, Store
-from streamrec.transcribe import Transcriber
+from streamrec.store import AudioFacts, Progress, Store
 from streamrec.twilio import MediaClient
 
 log = structlog.get_logger("streamrec.pipeline")
 
-KEEP_UNCOMMITTED = 256
-"""Transcripts kept for a later commit, oldest dropped first. More than a process
-retries at once in practice (an outage holds its in-flight entries), and small
-in memory (a transcript of OpenAI's largest upload is ~100 kB)."""
+Profiles = Callable[[str], Awaitable[Profile]]
+"""A business's transcription profile, read for each recording."""
 
 
 class RecordingPipeline:
@@ -48,17 +54,17 @@ class RecordingPipeline:
         *,
         store: Store,
         media: MediaClient,
-        transcriber: Transcriber | None,
+        transcripts: Transcripts | None,
+        profiles: Profiles | None = None,
         metrics: Metrics | None = None,
         delete_from_twilio: bool = False,
     ) -> None:
         self._store = store
         self._media = media
-        self._transcriber = transcriber
+        self._transcripts = transcripts
+        self._profiles = profiles
         self._delete_from_twilio = delete_from_twilio
         self._metrics = metrics or Metrics()
-        self._uncommitted: dict[str, str] = {}
-        """RecordingSid to a transcript not yet committed, oldest first."""
 
     async def __call__(self, delivery: Delivery) -> None:
         """Take one recording as far as it goes; returns once the row is final.
@@ -77,7 +83,6 @@ class RecordingPipeline:
 
     async def _run(self, event: RecordingEvent, delivery: Delivery) -> None:
         stage, record = self._metrics.stage, self._store
-        entry_id, attempts = delivery.entry_id, delivery.deliveries
         with stage("store"):
             progress = await record.progress(event.recording_sid)
         if progress is not None and progress.status == "completed":
@@ -86,25 +91,52 @@ class RecordingPipeline:
         delivery.ensure_owned()
         with stage("download"):
             path, size = await self._media.download(event)
-        if self._transcriber is not None and (progress is None or progress.audio_path is None):
+        plan = await self._transcription(event)
+        transcribing = plan is not None
+        facts = await _facts(path, required=transcribing)
+        if transcribing and (progress is None or progress.audio_path is None):
             # Worth a commit only when a slow stage follows that could fail.
             delivery.ensure_owned()
             with stage("store"):
                 await record.downloaded(
-                    event, entry_id=entry_id, attempts=attempts, path=str(path), size=size
-                )
-        transcript = await self._transcript(event, delivery, path)
-        model = self._transcriber.model if self._transcriber is not None else None
+                    event, entry_id=delivery.entry_id, attempts=delivery.deliveries,
+                    path=str(path), size=size, audio=facts,
+                )  # fmt: skip
+        outcome: dict[str, Any] = {"audio": facts}
+        if plan is not None:
+            outcome = _outcome(await self._transcript(event, delivery, path, *plan))
+        mode = "transcribe" if transcribing else "download-only"
         delivery.ensure_owned()
         with stage("store"):
             await record.completed(
-                event, entry_id=entry_id, attempts=attempts, path=str(path), size=size,
-                transcript=transcript, model=model,
+                event, entry_id=delivery.entry_id, attempts=delivery.deliveries,
+                path=str(path), size=size, mode=mode, **outcome,
             )  # fmt: skip
-        self._uncommitted.pop(event.recording_sid, None)
-        log.info("recording_completed", attempt=delivery.deliveries)
+        log.info("recording_completed", attempt=delivery.deliveries, mode=mode)
         if self._delete_from_twilio:
             await self._delete(event, delivery, path, size)
+
+    async def _transcription(self, event: RecordingEvent) -> tuple[Transcripts, Profile] | None:
+        """How to transcribe the recording, or None: no transcriber here, or download-only."""
+        if self._transcripts is None:
+            return None
+        profile = self._transcripts.defaults
+        if self._profiles is not None:
+            with self._metrics.stage("store"):
+                profile = await self._profiles(event.business_id)
+        return (self._transcripts, profile) if profile.mode == "transcribe" else None
+
+    async def _transcript(
+        self,
+        event: RecordingEvent,
+        delivery: Delivery,
+        path: Path,
+        transcripts: Transcripts,
+        profile: Profile,
+    ) -> Transcript:
+        delivery.ensure_owned()
+        with self._metrics.stage("transcribe"):
+            return await transcripts.transcribe(event, delivery, str(path), profile)
 
     async def _after_completed(
         self, event: RecordingEvent, delivery: Delivery, progress: Progress
@@ -146,23 +178,6 @@ class RecordingPipeline:
             await self._store.deleted(sid)
         log.info("recording_deleted", already_gone=not deleted_now)
 
-    async def _transcript(
-        self, event: RecordingEvent, delivery: Delivery, path: Path
-    ) -> str | None:
-        """The transcript: kept from an attempt whose commit failed, or a new one."""
-        if self._transcriber is None:
-            return None
-        sid = event.recording_sid
-        if sid in self._uncommitted:
-            return self._uncommitted[sid]
-        delivery.ensure_owned()
-        with self._metrics.stage("transcribe"):
-            transcript = await self._transcriber.transcribe(path)
-        self._uncommitted[sid] = transcript
-        if len(self._uncommitted) > KEEP_UNCOMMITTED:
-            del self._uncommitted[next(iter(self._uncommitted))]
-        return transcript
-
     async def dead(self, delivery: Delivery, reason: str) -> None:
         """Mark the recording failed with ``reason`` as its entry goes to the dead letters.
 
@@ -176,7 +191,6 @@ class RecordingPipeline:
         await self._store.failed(
             event, entry_id=delivery.entry_id, error=reason, attempts=delivery.deliveries
         )
-        self._uncommitted.pop(event.recording_sid, None)
 
 
 def _decode(delivery: Delivery) -> RecordingEvent:
@@ -184,3 +198,30 @@ def _decode(delivery: Delivery) -> RecordingEvent:
         return RecordingEvent.from_fields(delivery.fields)
     except InvalidEvent as exc:
         raise PermanentError(f"invalid entry: {exc}") from exc
+
+
+async def _facts(path: Path, *, required: bool) -> AudioFacts | None:
+    """What the file's header says of its audio; None (logged) for a file no decoder reads.
+
+    Raises UnreadableAudio instead when ``required``: a transcription needs it decoded.
+    """
+    try:
+        info = await asyncio.to_thread(audio.probe, path)
+    except audio.UnreadableAudio as exc:
+        if required:
+            raise
+        log.warning("audio_unreadable", error=describe(exc))
+        return None
+    return AudioFacts(info.duration_s, info.channels, info.sample_rate)
+
+
+def _outcome(transcript: Transcript) -> dict[str, Any]:
+    """The completed row's fields from ``transcript``: text, segments, the decoded audio's facts."""
+    conversation = transcript.conversation
+    return {
+        "transcript": conversation.text,
+        "model": transcript.model,
+        "audio": AudioFacts(transcript.duration_s, transcript.channels, transcript.sample_rate),
+        "segments": json.dumps(conversation.segments),
+        "language": transcript.language,
+    }

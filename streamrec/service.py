@@ -22,7 +22,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from streamrec import health, schema, store, twilio_api
+from streamrec.businesses import Businesses, default_profile
 from streamrec.consumer import Consumer, ConsumerConfig
+from streamrec.conversation import Transcripts
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics, serving
 from streamrec.monitor import Monitor
@@ -236,6 +238,20 @@ async def _schedule(
     )
 
 
+def transcripts_of(
+    settings: Settings, client: openai.AsyncOpenAI, records: store.Store
+) -> Transcripts:
+    """Transcription as ``settings`` say, through ``client``, checkpointed in ``records``."""
+    return Transcripts(
+        transcriber=Transcriber(client=client, model=settings.transcribe_model),
+        store=records,
+        chunk_s=settings.transcribe_chunk_s,
+        overlap_s=settings.transcribe_overlap_s,
+        concurrency=settings.transcribe_chunk_concurrency,
+        defaults=default_profile(settings),
+    )
+
+
 async def _pipeline(
     settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics
 ) -> RecordingPipeline:
@@ -244,7 +260,7 @@ async def _pipeline(
     pool = await stack.enter_async_context(open_pool(settings))
     timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s, sock_connect=10)
     session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
-    transcriber = None
+    records, transcripts = store.Store(pool), None
     if settings.openai_api_key is not None and settings.transcription_enabled:
         client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
@@ -253,7 +269,7 @@ async def _pipeline(
             timeout=settings.http_timeout_s * 5,
         )
         await stack.enter_async_context(client)
-        transcriber = Transcriber(client=client, model=settings.transcribe_model)
+        transcripts = transcripts_of(settings, client, records)
     else:
         log.warning("transcription_disabled", reason="OPENAI_API_KEY is not set")
     media = MediaClient(
@@ -264,10 +280,12 @@ async def _pipeline(
         media_dir=settings.media_dir,
         max_bytes=settings.media_max_bytes,
     )
+    businesses = Businesses(pool, defaults=default_profile(settings))
     return RecordingPipeline(
-        store=store.Store(pool),
+        store=records,
         media=media,
-        transcriber=transcriber,
+        transcripts=transcripts,
+        profiles=businesses.profile,
         metrics=metrics,
         delete_from_twilio=settings.delete_from_twilio,
     )

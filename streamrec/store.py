@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ import asyncpg
 import structlog
 
 from streamrec.batch import Batcher
+from streamrec.chunking import Piece, Segment, Span
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, Unavailable, describe
 
@@ -54,6 +56,15 @@ class Progress:
     """When the delete stage found the recording gone from Twilio (None: not yet)."""
 
 
+def _piece(row: Any) -> Piece:
+    """A transcript_chunks row as the piece it checkpoints."""
+    span = Span(row["track"], row["start_ms"], row["end_ms"], row["audio_start_ms"])
+    segments = None
+    if row["segments"] is not None:
+        segments = tuple(Segment(*item) for item in json.loads(row["segments"]))
+    return Piece(span, row["text"], segments, row["model"], row["language"])
+
+
 class PlainConnection(asyncpg.Connection):  # type: ignore[misc]
     """A pool connection that is not reset on release.
 
@@ -78,6 +89,20 @@ class Stage:
     size: int
     transcript: str | None = None
     model: str | None = None
+    audio: AudioFacts | None = None
+    segments: str | None = None
+    """The conversation's segments as JSON text (stored as jsonb)."""
+    language: str | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFacts:
+    """What the stored file itself says: its length, channels and sample rate."""
+
+    duration_s: float | None
+    channels: int
+    sample_rate: int
 
 
 # One statement for a whole batch of stage writes (one round trip, one commit).
@@ -85,17 +110,20 @@ WRITE_STAGES = """
 INSERT INTO recordings AS r
     (recording_sid, call_sid, account_sid, business_id, status, duration_s,
      attempts, entry_id, audio_path, audio_bytes, downloaded_at,
-     transcript, transcript_model, transcribed_at, completed_at, origin)
+     transcript, transcript_model, transcribed_at, completed_at, origin,
+     audio_duration_s, audio_channels, audio_sample_rate, segments, transcript_language,
+     transcript_mode)
 SELECT sid, call, account, business, status, duration, attempts, entry, path, size, now(),
        transcript, model,
        CASE WHEN transcript IS NULL THEN NULL ELSE now() END,
        CASE WHEN status = 'completed' THEN now() END,
-       origin
+       origin, seconds, channels, rate, segments::jsonb, language, mode
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
             $7::int[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[],
-            $13::text[])
+            $13::text[], $14::float8[], $15::int[], $16::int[], $17::text[], $18::text[],
+            $19::text[])
      AS t(sid, call, account, business, status, duration, attempts, entry, path, size,
-          transcript, model, origin)
+          transcript, model, origin, seconds, channels, rate, segments, language, mode)
 ON CONFLICT (recording_sid) DO UPDATE SET
     status = CASE WHEN r.status = 'completed' THEN r.status ELSE EXCLUDED.status END,
     attempts = GREATEST(r.attempts, EXCLUDED.attempts),
@@ -107,19 +135,27 @@ ON CONFLICT (recording_sid) DO UPDATE SET
     transcript_model = COALESCE(EXCLUDED.transcript_model, r.transcript_model),
     transcribed_at = COALESCE(EXCLUDED.transcribed_at, r.transcribed_at),
     completed_at = COALESCE(r.completed_at, EXCLUDED.completed_at),
+    audio_duration_s = COALESCE(EXCLUDED.audio_duration_s, r.audio_duration_s),
+    audio_channels = COALESCE(EXCLUDED.audio_channels, r.audio_channels),
+    audio_sample_rate = COALESCE(EXCLUDED.audio_sample_rate, r.audio_sample_rate),
+    segments = COALESCE(EXCLUDED.segments, r.segments),
+    transcript_language = CASE WHEN EXCLUDED.transcript IS NULL THEN r.transcript_language
+                               ELSE EXCLUDED.transcript_language END,
+    transcript_mode = COALESCE(EXCLUDED.transcript_mode, r.transcript_mode),
     error = NULL,
     updated_at = now()
 """
 
 
 def _columns(stages: Iterable[Stage]) -> list[list[Any]]:
-    """The thirteen array arguments of WRITE_STAGES for ``stages`` (one row each)."""
-    columns: list[list[Any]] = [[] for _ in range(13)]
+    """The nineteen array arguments of WRITE_STAGES for ``stages`` (one row each)."""
+    columns: list[list[Any]] = [[] for _ in range(19)]
     for st in stages:
-        e = st.event
+        e, a = st.event, st.audio
         values = (e.recording_sid, e.call_sid, e.account_sid, e.business_id, st.status,
                   e.duration_s, st.attempts, st.entry_id, st.path, st.size, st.transcript,
-                  st.model, e.origin)  # fmt: skip
+                  st.model, e.origin, a and a.duration_s, a and a.channels,
+                  a and a.sample_rate, st.segments, st.language, st.mode)  # fmt: skip
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     return columns
@@ -194,10 +230,18 @@ class Store:
         return {r["recording_sid"] for r in rows}
 
     async def downloaded(
-        self, event: RecordingEvent, *, entry_id: str, attempts: int, path: str, size: int
+        self,
+        event: RecordingEvent,
+        *,
+        entry_id: str,
+        attempts: int,
+        path: str,
+        size: int,
+        audio: AudioFacts | None = None,
     ) -> None:
         """Commit the download stage (creating the row, or reopening a failed one)."""
-        await self._writes.submit(Stage(event, entry_id, attempts, "downloaded", path, size))
+        stage = Stage(event, entry_id, attempts, "downloaded", path, size, audio=audio)
+        await self._writes.submit(stage)
 
     async def completed(
         self,
@@ -207,12 +251,48 @@ class Store:
         attempts: int,
         path: str,
         size: int,
-        transcript: str | None,
-        model: str | None,
+        transcript: str | None = None,
+        model: str | None = None,
+        audio: AudioFacts | None = None,
+        segments: str | None = None,
+        language: str | None = None,
+        mode: str | None = None,
     ) -> None:
-        """Commit the recording as completed, with its audio and transcript (if any)."""
-        stage = Stage(event, entry_id, attempts, "completed", path, size, transcript, model)
+        """Commit the recording as completed, with its audio and transcript (if any).
+
+        ``segments`` is the conversation as JSON text; ``mode`` says whether it
+        was transcribed or kept download-only.
+        """
+        stage = Stage(event, entry_id, attempts, "completed", path, size, transcript, model,
+                      audio, segments, language, mode)  # fmt: skip
         await self._writes.submit(stage)
+
+    async def chunks(self, recording_sid: str) -> list[Piece]:
+        """The transcribed chunks committed for a recording (its checkpoints)."""
+        async with self._sorted_errors():
+            rows = await self._pool.fetch(
+                "SELECT track, start_ms, end_ms, audio_start_ms, text, segments, model, language"
+                " FROM transcript_chunks WHERE recording_sid = $1 ORDER BY track, start_ms",
+                recording_sid,
+            )
+        return [_piece(row) for row in rows]
+
+    async def chunk(self, recording_sid: str, piece: Piece) -> None:
+        """Commit one transcribed chunk; a chunk already committed is kept as it was."""
+        span = piece.span
+        segments = (
+            None
+            if piece.segments is None
+            else json.dumps([[s.start_s, s.end_s, s.text, s.speaker] for s in piece.segments])
+        )
+        async with self._sorted_errors():
+            await self._pool.execute(
+                "INSERT INTO transcript_chunks (recording_sid, track, start_ms, end_ms,"
+                " audio_start_ms, text, segments, model, language)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9) ON CONFLICT DO NOTHING",
+                recording_sid, span.track, span.start_ms, span.end_ms, span.audio_start_ms,
+                piece.text, segments, piece.model, piece.language,
+            )  # fmt: skip
 
     async def _write(self, stages: list[Stage]) -> list[Exception | None]:
         # One statement may not touch a row twice: the last write of a recording wins.

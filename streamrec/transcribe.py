@@ -1,19 +1,29 @@
-"""Transcription with OpenAI's audio API, with its errors sorted into retry classes."""
+"""Transcription with OpenAI's audio API: one call per chunk, errors sorted by cause.
+
+The response format follows the model: ``whisper-1`` gives segments with
+timestamps (``verbose_json``), a diarizing model gives speaker-labelled segments
+(``diarized_json``), and the others give text only (``json``).
+"""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-from typing import BinaryIO
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import openai
 import structlog
 
+from streamrec.chunking import Segment
 from streamrec.retry import PermanentError, TransientError
 
 log = structlog.get_logger("streamrec.transcribe")
 
-MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for one audio file
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+"""OpenAI's limit for one audio file."""
+UPLOAD_BUDGET_BYTES = 24 * 1000 * 1000
+"""What a chunk may take of it: room for the multipart envelope and a rounding."""
+MIME = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 
 _PERMANENT = (
     openai.BadRequestError,
@@ -22,60 +32,108 @@ _PERMANENT = (
     openai.NotFoundError,
     openai.UnprocessableEntityError,
 )
+# OpenAI's 400 for an upload over a model's duration ("audio duration 1502 seconds is
+# longer than 1500 seconds which is the maximum for this model") or size.
+_TOO_LONG = re.compile(r"longer than|too long|maximum content size|too large|duration", re.I)
+_TOO_LONG_CODES = frozenset({"audio_too_long", "file_too_large", "request_too_large"})
+
+
+class TooLong(PermanentError):
+    """The upload is over the model's duration or size limit: a shorter chunk would pass."""
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """What the model heard in one upload; segment times are from the upload's start."""
+
+    text: str
+    segments: tuple[Segment, ...] | None
+    """None when the model returns no timestamps."""
+
+
+def response_format(model: str) -> str:
+    """The richest format ``model`` answers: segments where it has them, else text."""
+    if model == "whisper-1":
+        return "verbose_json"
+    return "diarized_json" if "diarize" in model else "json"
 
 
 class Transcriber:
-    """Turns a stored recording into text with ``client.audio.transcriptions``."""
+    """Sends audio chunks to ``client.audio.transcriptions``; ``model`` is the default."""
 
     def __init__(self, *, client: openai.AsyncOpenAI, model: str) -> None:
         self._client = client
         self.model = model
 
-    async def transcribe(self, path: Path) -> str:
-        """The transcript of the audio at ``path``.
+    async def transcribe(
+        self, name: str, data: bytes, *, model: str | None = None, language: str | None = None
+    ) -> Heard:
+        """What ``model`` (default: this transcriber's) hears in ``data``, a file named ``name``.
 
-        Raises PermanentError for a file over 25 MB, a rejected request (400,
-        401, 403, 404, 422) or an exhausted quota (``insufficient_quota`` is a
-        billing state, not a rate limit); TransientError for 429, 5xx, timeouts
-        and connection failures. The file is sized before it is opened and is
-        streamed, not read into memory.
+        Raises TooLong for an upload over the model's size or duration limit
+        (413, or a 400 saying so), PermanentError for a file over 25 MB (unsent),
+        any other rejected request (400, 401, 403, 404, 422) or an exhausted
+        quota (``insufficient_quota`` is a billing state, not a rate limit);
+        TransientError for 429, 5xx, timeouts and connection failures.
         """
-        size = (await asyncio.to_thread(path.stat)).st_size
-        if size > MAX_UPLOAD_BYTES:
-            raise PermanentError(f"audio is {size} bytes, over OpenAI's 25 MB limit")
-        file = await asyncio.to_thread(path.open, "rb")
-        try:
-            text = await self._request(path.name, file)
-        finally:
-            await asyncio.to_thread(file.close)
-        log.info("recording_transcribed", chars=len(text), model=self.model)
-        return text
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise TooLong(f"chunk is {len(data)} bytes, over OpenAI's 25 MB limit")
+        model = model or self.model
+        extension = name.rpartition(".")[2]
+        options: dict[str, Any] = {"response_format": response_format(model)}
+        if options["response_format"] == "verbose_json":
+            options["timestamp_granularities"] = ["segment"]
+        elif options["response_format"] == "diarized_json":
+            options["chunking_strategy"] = "auto"
+        if language:
+            options["language"] = language
+        file = (name, data, MIME.get(extension, "application/octet-stream"))
+        result = await self._request(model=model, file=file, **options)
+        heard = _heard(result)
+        log.info("chunk_transcribed", name=name, chars=len(heard.text), model=model)
+        return heard
 
-    async def _request(self, name: str, file: BinaryIO) -> str:
+    async def _request(self, **params: Any) -> Any:
         """POST the audio and sort the SDK's errors into retry classes."""
-        # Given a file object, the SDK streams it: httpx2's multipart body reads
-        # 64 KiB at a time as the socket takes it (bytes would hold the whole
-        # file). Those small reads run on the event loop; the SDK has no other way.
         try:
-            result = await self._client.audio.transcriptions.create(
-                model=self.model, file=(name, file, "audio/mpeg"), response_format="json"
-            )
+            return await self._client.audio.transcriptions.create(**params)
         except openai.RateLimitError as exc:
             if _code(exc) == "insufficient_quota":
                 raise PermanentError(f"OpenAI quota exhausted: {exc.message}") from exc
             raise TransientError(
                 f"OpenAI rate limit: {exc.message}", retry_after=_retry_after(exc)
             ) from exc
-        except _PERMANENT as exc:
-            raise PermanentError(
-                f"OpenAI rejected the audio ({exc.status_code}): {exc.message}"
-            ) from exc
         except openai.APIStatusError as exc:
-            raise TransientError(f"OpenAI error {exc.status_code}: {exc.message}") from exc
+            raise _sorted(exc) from exc
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise TransientError(f"OpenAI unreachable: {type(exc).__name__}") from exc
-        text = result if isinstance(result, str) else getattr(result, "text", "")
-        return str(text)
+
+
+def _sorted(exc: openai.APIStatusError) -> Exception:
+    """The retry class of an error answer other than 429."""
+    too_long = exc.status_code == 413 or (
+        exc.status_code == 400
+        and (_code(exc) in _TOO_LONG_CODES or bool(_TOO_LONG.search(exc.message)))
+    )
+    if too_long:
+        return TooLong(f"OpenAI refused the chunk as too long ({exc.status_code}): {exc.message}")
+    if isinstance(exc, _PERMANENT):
+        return PermanentError(f"OpenAI rejected the audio ({exc.status_code}): {exc.message}")
+    return TransientError(f"OpenAI error {exc.status_code}: {exc.message}")
+
+
+def _heard(result: Any) -> Heard:
+    """Text and (where given) segments of any of the SDK's transcription answers."""
+    if isinstance(result, str):
+        return Heard(result, None)
+    text = str(getattr(result, "text", "") or "")
+    raw = getattr(result, "segments", None)
+    if raw is None:
+        return Heard(text, None)
+    segments = tuple(
+        Segment(float(s.start), float(s.end), str(s.text), getattr(s, "speaker", None)) for s in raw
+    )
+    return Heard(text, segments)
 
 
 def _code(exc: openai.APIStatusError) -> str | None:

@@ -28,9 +28,16 @@ WRITE_BYTES = 1024 * 1024
 AUDIO_MAGIC = (b"ID3", b"RIFF", b"OggS", b"fLaC")
 
 
-def media_url(api_base: str, account_sid: str, recording_sid: str) -> str:
-    """The mp3 media URL of a recording (mp3 keeps long calls under OpenAI's 25 MB)."""
-    return f"{api_base}/2010-04-01/Accounts/{account_sid}/Recordings/{recording_sid}.mp3"
+def media_url(api_base: str, event: RecordingEvent) -> str:
+    """The mp3 media URL of a recording, both channels of a two-channel one.
+
+    Twilio serves some two-channel recordings (conferences) mixed down to one
+    channel unless ``RequestedChannels=2`` asks for both; with both, each
+    speaker is transcribed on their own.
+    """
+    recordings = f"{api_base}/2010-04-01/Accounts/{event.account_sid}/Recordings"
+    both = "?RequestedChannels=2" if event.channels == 2 else ""
+    return f"{recordings}/{event.recording_sid}.mp3{both}"
 
 
 def looks_like_audio(head: bytes) -> bool:
@@ -132,7 +139,7 @@ class MediaClient:
 
     async def _fetch(self, event: RecordingEvent, part: Path) -> int:
         """Save the recording's media to ``part``; returns its size."""
-        url = media_url(self._api_base, event.account_sid, event.recording_sid)
+        url = media_url(self._api_base, event)
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 _check_status(response)

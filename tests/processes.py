@@ -32,6 +32,13 @@ ENV_OF = {
     "reconcile_interval_s": "STREAMREC_RECONCILE_INTERVAL_S",
     "reconcile_lookback_h": "STREAMREC_RECONCILE_LOOKBACK_H",
     "reconcile_default_business": "STREAMREC_RECONCILE_DEFAULT_BUSINESS",
+    "transcribe_model": "STREAMREC_TRANSCRIBE_MODEL",
+    "transcribe_mode": "STREAMREC_TRANSCRIBE_MODE",
+    "transcribe_language": "STREAMREC_TRANSCRIBE_LANGUAGE",
+    "transcribe_channels": "STREAMREC_TRANSCRIBE_CHANNELS",
+    "transcribe_chunk_s": "STREAMREC_TRANSCRIBE_CHUNK_S",
+    "transcribe_overlap_s": "STREAMREC_TRANSCRIBE_OVERLAP_S",
+    "transcribe_chunk_concurrency": "STREAMREC_TRANSCRIBE_CHUNK_CONCURRENCY",
 }
 
 

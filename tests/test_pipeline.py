@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from streamrec import deadletters, service
+from streamrec.conversation import Transcripts
 from streamrec.delivery import Delivery, Lost
 from streamrec.devservers import LocalPostgres
 from streamrec.events import RecordingEvent
@@ -28,7 +29,6 @@ from streamrec.producer import WEBHOOK_PATH, Enqueuer, WebhookConfig, create_app
 from streamrec.retry import TransientError
 from streamrec.settings import Settings
 from streamrec.store import Store
-from streamrec.transcribe import Transcriber
 from streamrec.twilio import MediaClient
 from tests.conftest import entries, wait_for
 from tests.standins import (
@@ -72,8 +72,8 @@ async def callback(client: Client, *, business: str = "7", **kwargs: Any) -> dic
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def clients(
-    settings: Settings, media: MediaStandIn
-) -> AsyncIterator[tuple[MediaClient, Transcriber]]:
+    settings: Settings, media: MediaStandIn, db: Any
+) -> AsyncIterator[tuple[MediaClient, Transcripts]]:
     """The media client and transcriber of the stand-ins, for a pipeline run by hand."""
     media.not_ready = 0
     async with (
@@ -90,7 +90,7 @@ async def clients(
             media_dir=settings.media_dir,
             max_bytes=settings.media_max_bytes,
         )
-        yield downloads, Transcriber(client=client, model=settings.transcribe_model)
+        yield downloads, service.transcripts_of(settings, client, Store(db))
 
 
 def new_event() -> RecordingEvent:
@@ -362,7 +362,7 @@ async def _completed(database: str, sids: list[str]) -> bool:
     ids=["begun", "downloaded", "transcribed"],
 )
 async def test_a_lost_entry_stops_before_its_next_stage(
-    clients: tuple[MediaClient, Transcriber],
+    clients: tuple[MediaClient, Transcripts],
     media: MediaStandIn,
     openai_api: OpenAIStandIn,
     db: Any,
@@ -370,8 +370,8 @@ async def test_a_lost_entry_stops_before_its_next_stage(
     done: tuple[int, int, str | None],
 ) -> None:
     """Ownership lost after a stage: no download, transcription or row write follows it."""
-    downloads, transcriber = clients
-    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    downloads, transcripts = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcripts=transcripts)
     recording = new_event()
     sid = recording.recording_sid
     lost_when = {
@@ -386,14 +386,14 @@ async def test_a_lost_entry_stops_before_its_next_stage(
 
 
 async def test_a_redelivery_lost_before_its_transcription_makes_no_call(
-    clients: tuple[MediaClient, Transcriber],
+    clients: tuple[MediaClient, Transcripts],
     media: MediaStandIn,
     openai_api: OpenAIStandIn,
     db: Any,
 ) -> None:
     """A redelivered committed download, lost after the download stage, is not transcribed."""
-    downloads, transcriber = clients
-    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    downloads, transcripts = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcripts=transcripts)
     recording = new_event()
     path = downloads.path_for(recording)
     path.parent.mkdir(parents=True)
@@ -407,11 +407,11 @@ async def test_a_redelivery_lost_before_its_transcription_makes_no_call(
 
 
 async def test_a_lost_entry_is_not_marked_failed(
-    clients: tuple[MediaClient, Transcriber], db: Any
+    clients: tuple[MediaClient, Transcripts], db: Any
 ) -> None:
     """The dead-letter hook writes no failure for an entry this process no longer owns."""
-    downloads, transcriber = clients
-    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=transcriber)
+    downloads, transcripts = clients
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcripts=transcripts)
     recording = new_event()
     with pytest.raises(Lost):
         await pipeline.dead(delivery_of(recording, lambda: True), "PermanentError: late")
@@ -419,11 +419,11 @@ async def test_a_lost_entry_is_not_marked_failed(
 
 
 async def test_a_redelivery_after_the_file_is_saved_downloads_nothing(
-    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+    clients: tuple[MediaClient, Transcripts], media: MediaStandIn, db: Any
 ) -> None:
     """Transcription off: an entry lost after its file was saved is not fetched again."""
     downloads, _ = clients
-    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcriber=None)
+    pipeline = RecordingPipeline(store=Store(db), media=downloads, transcripts=None)
     recording = new_event()
     sid = recording.recording_sid
     with pytest.raises(Lost):
@@ -626,12 +626,12 @@ async def test_a_delete_that_keeps_failing_is_dead_lettered_with_its_row_complet
 
 
 async def test_a_redelivery_resumes_at_the_delete_stage(
-    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+    clients: tuple[MediaClient, Transcripts], media: MediaStandIn, db: Any
 ) -> None:
     """Completed, not deleted: a redelivery deletes without a download; once deleted, no more."""
     downloads, _ = clients
     pipeline = RecordingPipeline(
-        store=Store(db), media=downloads, transcriber=None, delete_from_twilio=True
+        store=Store(db), media=downloads, transcripts=None, delete_from_twilio=True
     )
     recording = new_event()
     sid = recording.recording_sid
@@ -651,12 +651,12 @@ async def test_a_redelivery_resumes_at_the_delete_stage(
 
 
 async def test_an_entry_lost_before_its_delete_deletes_nothing(
-    clients: tuple[MediaClient, Transcriber], media: MediaStandIn, db: Any
+    clients: tuple[MediaClient, Transcripts], media: MediaStandIn, db: Any
 ) -> None:
     """Ownership lost after the row is completed: no DELETE is sent."""
     downloads, _ = clients
     pipeline = RecordingPipeline(
-        store=Store(db), media=downloads, transcriber=None, delete_from_twilio=True
+        store=Store(db), media=downloads, transcripts=None, delete_from_twilio=True
     )
     recording = new_event()
     checks = itertools.count(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -86,6 +87,16 @@ async def test_a_file_already_in_place_is_not_fetched(
     path.write_bytes(AUDIO)
     assert await client.download(recording) == (path, len(AUDIO))
     assert media.requests[recording.recording_sid] == 0
+
+
+@pytest.mark.parametrize(("channels", "query"), [(2, {"RequestedChannels": "2"}), (1, {})])
+async def test_a_two_channel_recording_is_fetched_with_both_channels(
+    client: MediaClient, media: MediaStandIn, channels: int, query: dict[str, str]
+) -> None:
+    """RecordingChannels 2 asks for both channels (Twilio mixes conferences down otherwise)."""
+    recording = dataclasses.replace(event(), channels=channels)
+    await client.download(recording)
+    assert media.query_of[recording.recording_sid] == query
 
 
 async def test_disk_work_runs_off_the_event_loop(
