@@ -6,8 +6,8 @@ column means "the default", so a business follows a changed default unless it
 set that field itself. The pipeline reads the profile for each recording, one
 query and no cache, so a change reaches every replica with its next recording.
 A field goes back to the default with ``unset`` (a NULL again); ``delete``
-puts every field back. A language cannot be set to "detect" for one business
-while the default names one: NULL is the default, and the table takes codes only.
+puts every field back. A business's language ``auto`` asks the model to
+detect it even where the default names one.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from streamrec.store import PROBE_TIMEOUT_S
 Mode = Literal["transcribe", "download-only"]
 Channels = Literal["split", "mixed"]
 Field = Literal["mode", "model", "language", "channels", "speakers"]
+AUTO = "auto"
+"""A business's language that asks the model to detect it (NULL means the default's)."""
 MODES: tuple[str, ...] = get_args(Mode)
 CHANNELS: tuple[str, ...] = get_args(Channels)
 FIELDS: tuple[Field, ...] = get_args(Field)
@@ -44,7 +46,10 @@ FIELDS: tuple[Field, ...] = get_args(Field)
 RULES: dict[str, tuple[re.Pattern[str], str]] = {
     "mode": (re.compile(r"^(transcribe|download-only)$"), "transcribe or download-only"),
     "model": (re.compile(r"^[A-Za-z0-9_.:-]{1,64}$"), "1-64 of A-Z a-z 0-9 _ . : -"),
-    "language": (re.compile(r"^[a-z]{2,3}$"), "an ISO-639 code of 2-3 lower-case letters (he)"),
+    "language": (
+        re.compile(r"^([a-z]{2,3}|auto)$"),
+        "an ISO-639 code of 2-3 lower-case letters (he), or auto (detected)",
+    ),
     "channels": (re.compile(r"^(split|mixed)$"), "split or mixed"),
 }
 """What each text setting must match (the table's CHECKs say the same), and the rule in words."""
@@ -260,6 +265,8 @@ class Businesses:
     def _entry(self, row: Any) -> Entry:
         own = frozenset(field for field in FIELDS if row[field] is not None)
         values = {field: row[field] for field in own}
+        if values.get("language") == AUTO:
+            values["language"] = None  # detected, whatever the default says
         if "speakers" in values:
             values["speakers"] = tuple(values["speakers"])
         profile = dataclasses.replace(self.defaults, **values)
@@ -272,7 +279,7 @@ class Businesses:
 OPTIONS: dict[Field, tuple[str, str]] = {
     "mode": ("|".join(MODES), "transcribe, or only download and store the audio"),
     "model": ("MODEL", "transcription model (gpt-4o-transcribe, whisper-1)"),
-    "language": ("CODE", "ISO-639 code sent to the API (he, en); else detected"),
+    "language": ("CODE", "ISO-639 code sent to the API (he, en); auto: detected"),
     "channels": ("|".join(CHANNELS), "split: a speaker a channel; mixed: one track"),
     "speakers": ("FIRST,SECOND", "labels of the first and second channel"),
 }

@@ -15,7 +15,13 @@ import pytest
 import structlog
 
 from streamrec.__main__ import TOOLS, main
-from streamrec.businesses import Businesses, InvalidSetting, Profile, default_profile
+from streamrec.businesses import (
+    Businesses,
+    InvalidSetting,
+    Profile,
+    default_profile,
+    render_listing,
+)
 from streamrec.devservers import free_port
 from streamrec.settings import Settings
 from tests.test_cli import listed_settings, setting_names
@@ -101,6 +107,16 @@ async def test_a_changed_default_reaches_businesses_that_did_not_set_it(db: Any)
     assert await Businesses(db, defaults=later).profile("42") == Profile(
         "transcribe", "whisper-1", "he", "mixed", None
     )
+
+
+async def test_a_business_can_ask_for_detection_over_a_default_language(db: Any) -> None:
+    """language auto: the model detects it for this business though the default names one."""
+    english = Profile("transcribe", "whisper-1", "en", "split", None)
+    table = Businesses(db, defaults=english)
+    await table.set("42", language="auto")
+    assert (await table.profile("42")).language is None
+    assert (await table.profile("43")).language == "en"
+    assert "auto" not in render_listing(english, await table.listing())
 
 
 async def test_the_longest_values_allowed_are_stored(table: Businesses) -> None:

@@ -32,12 +32,12 @@ CREATE TABLE transcript_chunks (
 );
 
 -- Per-business transcription settings; NULL: the process's default
--- (STREAMREC_TRANSCRIBE_*). Read for each recording, so a change reaches every
--- replica with the next recording.
+-- (STREAMREC_TRANSCRIBE_*); language 'auto': detected, whatever the default.
+-- Read for each recording, so a change reaches every replica with the next one.
 CREATE TABLE business_settings (
     business_id text PRIMARY KEY CHECK (business_id ~ '^[A-Za-z0-9_.-]{1,64}$'),
     mode        text CHECK (mode IN ('transcribe', 'download-only')),
-    language    text CHECK (language ~ '^[a-z]{2,3}$'),
+    language    text CHECK (language ~ '^([a-z]{2,3}|auto)$'),  -- auto: detected
     model       text CHECK (model ~ '^[A-Za-z0-9_.:-]{1,64}$'),
     channels    text CHECK (channels IN ('split', 'mixed')),
     speakers    text[] CHECK (cardinality(speakers) = 2),
