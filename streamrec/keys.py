@@ -62,13 +62,19 @@ class Keys:
     @property
     def outcomes(self) -> str:
         """Hash of ``<outcome>:<slot>`` → how many entries ended so in that 10 s slot of
-        Redis time (the last hour's; consumers add to it with their heartbeats)."""
+        Redis time (the last hour's; consumers add to it with their heartbeats, the
+        webhook its answers: queued, duplicate, rejected)."""
         return f"{self._tag}:outcomes"
 
     @property
     def outcome_slots(self) -> str:
         """Sorted set of the slots ``outcomes`` holds counts of, to prune those past an hour."""
         return f"{self._tag}:outcome-slots"
+
+    def tally(self, process: str) -> str:
+        """The number of the last batch of answer counts a webhook process added to
+        ``outcomes`` (a repeated call adds nothing); expires once the process stops."""
+        return f"{self._tag}:tally:{process}"
 
     @property
     def outcome_totals(self) -> str:

@@ -69,7 +69,7 @@ class Monitor:
         """The running totals as of the last beat Redis confirmed."""
         self._started_ms = int(time.time() * 1000)
         self._last_progress = (time.monotonic(), 0)
-        self._beat = lua.register(redis, "monitor_beat")
+        self._beat = lua.register(redis, "monitor_beat", "outcomes_prune")
 
     @property
     def ttl_ms(self) -> int:

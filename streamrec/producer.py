@@ -36,6 +36,7 @@ from streamrec.events import TERMINAL_STATUSES, InvalidEvent, RecordingEvent, is
 from streamrec.keys import Keys
 from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
 from streamrec.retry import describe
+from streamrec.tally import Tally, sending
 
 log = structlog.get_logger("streamrec.producer")
 
@@ -193,6 +194,7 @@ def _enqueue_input(
 
 
 ENQUEUER_KEY: web.AppKey[Enqueuer] = web.AppKey("enqueuer", Enqueuer)
+TALLY_KEY: web.AppKey[Tally] = web.AppKey("tally", Tally)
 
 
 def create_app(
@@ -201,11 +203,14 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     checks: dict[str, ReadinessCheck] | None = None,
+    tally_every_s: float = 5.0,
 ) -> web.Application:
     """The webhook app, using ``redis`` (owned by the caller).
 
     ``checks`` are the dependencies /readyz reports besides Redis (PostgreSQL
     in ``serve``); with ``replica_acks``, /readyz also names too few replicas.
+    Its answers are counted into the outcome slots every ``tally_every_s``
+    (``streamrec.tally``) while it runs.
     """
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG_KEY] = config
@@ -219,6 +224,8 @@ def create_app(
         wait_aof=config.wait_aof,
     )
     app[METRICS_KEY] = metrics or Metrics()
+    app[TALLY_KEY] = Tally(redis, config.keys, every_s=tally_every_s)
+    app.cleanup_ctx.append(lambda app: sending(app[TALLY_KEY]))
     app[CHECKS_KEY] = {"redis": lambda: _ping(redis), **(checks or {})}
     if config.replica_acks:
         app[CHECKS_KEY]["replicas"] = lambda: health.require_replicas(redis, config.replica_acks)
@@ -283,6 +290,7 @@ async def recording_callback(request: web.Request) -> web.Response:
     """POST /twilio/recording?business_id=...: verify, validate, enqueue."""
     outcome, response = await _callback(request)
     request.app[METRICS_KEY].webhooks.labels(outcome).inc()
+    request.app[TALLY_KEY].count("rejected" if 400 <= response.status < 500 else outcome)
     return response
 
 

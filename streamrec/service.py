@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from streamrec import health, schema, store, twilio_api
+from streamrec import dashboard, health, schema, store, twilio_api
 from streamrec.businesses import Businesses, default_profile
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.conversation import Transcripts
@@ -312,6 +312,42 @@ async def _listening(app: web.Application, host: str, port: int) -> AsyncIterato
         await runner.cleanup()
 
 
+def webhook_app(
+    settings: Settings,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    *,
+    metrics: Metrics | None = None,
+    tally_every_s: float = 5.0,
+) -> web.Application:
+    """The webhook's app as ``serve`` runs it, on ``redis`` and ``pool`` (owned by the
+    caller): /readyz probes PostgreSQL through ``pool``, and with STREAMREC_UI_TOKEN
+    the dashboard is mounted under /ui/. ConfigError without Twilio credentials."""
+    account_sid, auth_token = settings.twilio_credentials()
+    config = WebhookConfig(
+        account_sid=account_sid,
+        auth_token=auth_token,
+        public_url=settings.public_url,
+        keys=Keys(settings.namespace),
+        dedupe_ttl_s=settings.dedupe_ttl_s,
+        max_body_bytes=settings.max_body_bytes,
+        deadline_ms=settings.webhook_deadline_ms,
+        replica_acks=settings.min_replica_acks,
+        wait_aof=settings.wait_aof,
+    )
+
+    async def database() -> None:
+        async with pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1", timeout=2)
+
+    app = create_app(
+        redis, config, metrics=metrics, checks={"postgres": database}, tally_every_s=tally_every_s
+    )
+    if dashboard.mount(app, settings, redis, pool):
+        log.info("dashboard_ready", url=settings.public_url + dashboard.PREFIX)
+    return app
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -325,22 +361,12 @@ async def serve(
     ``on_ready`` is called once it listens. CannotListen when its port is taken.
 
     PostgreSQL is not needed to accept callbacks; a pool that opens no
-    connection until asked serves /readyz. With ``check_redis``, a Redis
+    connection until asked serves /readyz and, with STREAMREC_UI_TOKEN, the
+    dashboard under /ui/ (``streamrec.dashboard``). With ``check_redis``, a Redis
     before 7.0, or one that cannot confirm as configured (WAITAOF), is refused
     first (UnsupportedRedis).
     """
-    account_sid, auth_token = settings.twilio_credentials()
-    config = WebhookConfig(
-        account_sid=account_sid,
-        auth_token=auth_token,
-        public_url=settings.public_url,
-        keys=Keys(settings.namespace),
-        dedupe_ttl_s=settings.dedupe_ttl_s,
-        max_body_bytes=settings.max_body_bytes,
-        deadline_ms=settings.webhook_deadline_ms,
-        replica_acks=settings.min_replica_acks,
-        wait_aof=settings.wait_aof,
-    )
+    settings.twilio_credentials()
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
         if check_redis:
@@ -350,14 +376,12 @@ async def serve(
                 replica_acks=settings.min_replica_acks,
                 wait_aof=settings.wait_aof,
             )
-        pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+        # A few connections: the dashboard's reads must not hold up /readyz's probe.
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=0, max_size=4 if settings.ui_enabled else 1
+        )
         stack.push_async_callback(pool.close)
-
-        async def database() -> None:
-            async with pool.acquire(timeout=2) as conn:
-                await conn.fetchval("SELECT 1", timeout=2)
-
-        app = create_app(redis, config, metrics=metrics, checks={"postgres": database})
+        app = webhook_app(settings, redis, pool, metrics=metrics)
         await stack.enter_async_context(_listening(app, settings.http_host, settings.http_port))
         log.info("webhook_ready", public_url=settings.public_url + WEBHOOK_PATH)
         if on_ready is not None:

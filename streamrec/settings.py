@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     wait_aof: bool = Field(False, validation_alias="STREAMREC_WAIT_AOF")
     business_slots: int = Field(3, validation_alias="STREAMREC_BUSINESS_SLOTS", ge=0)
     slot_lease_ms: int | None = Field(None, validation_alias="STREAMREC_SLOT_LEASE_MS", ge=100)
+    ui_token: SecretStr | None = Field(None, validation_alias="STREAMREC_UI_TOKEN")
     metrics_port: int = Field(9100, validation_alias="STREAMREC_METRICS_PORT", ge=0, le=65535)
     heartbeat_s: float = Field(5.0, validation_alias="STREAMREC_HEARTBEAT_S", gt=0)
     progress_s: float = Field(30.0, validation_alias="STREAMREC_PROGRESS_S", ge=0)
@@ -224,15 +225,21 @@ class Settings(BaseSettings):
         return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
 
     @property
+    def ui_enabled(self) -> bool:
+        """True when STREAMREC_UI_TOKEN is set (not empty): the webhook serves the dashboard."""
+        return self.ui_token is not None and bool(self.ui_token.get_secret_value())
+
+    @property
     def resolved_consumer_name(self) -> str:
         """This process's consumer name in the group: the setting, or host-pid."""
         return self.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
 
     def secrets(self) -> list[str]:
-        """The secret values configured (Twilio auth token, OpenAI key), for logs to mask."""
+        """The secret values configured (Twilio auth token, OpenAI key, dashboard token),
+        for logs to mask."""
         return [
             secret.get_secret_value()
-            for secret in (self.twilio_auth_token, self.openai_api_key)
+            for secret in (self.twilio_auth_token, self.openai_api_key, self.ui_token)
             if secret is not None and secret.get_secret_value()
         ]
 

@@ -111,8 +111,14 @@ async def entries(redis: aioredis.Redis, keys: Keys) -> list[dict[str, str]]:
 
 
 async def namespace_keys(redis: aioredis.Redis, keys: Keys) -> list[str]:
-    """Every Redis key of this test's namespace: stream, markers, anything."""
-    return [str(key) async for key in redis.scan_iter(match=f"{{{keys.namespace}}}:*")]
+    """Every Redis key of this test's namespace (stream, markers, anything) but the
+    counts of the webhook's answers (``streamrec.tally``), which a refusal adds to."""
+    counts = (keys.outcomes, keys.outcome_slots, keys.tally(""))
+    return [
+        str(key)
+        async for key in redis.scan_iter(match=f"{{{keys.namespace}}}:*")
+        if not str(key).startswith(counts)
+    ]
 
 
 async def error_of(response: ClientResponse) -> str:

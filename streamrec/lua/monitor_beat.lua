@@ -1,5 +1,6 @@
 -- monitor.py: a consumer's heartbeat in the consumer registry, or its leaving,
 -- and the outcomes of its entries since its last beat counted into time slots.
+-- Loaded after outcomes_prune.lua (its prelude), which prunes slots past the hour.
 -- KEYS[1]  the registry ({ns}:consumers): name -> heartbeat expiry (ms, server time)
 -- KEYS[2]  the heartbeats ({ns}:heartbeats): name -> its last heartbeat (JSON)
 -- KEYS[3]  outcome counts ({ns}:outcomes): '<outcome>:<slot>' -> count
@@ -65,13 +66,5 @@ for i = 6, #ARGV, 3 do
   end
 end
 
-local old = redis.call('ZRANGE', KEYS[4], '-inf', slot - tonumber(ARGV[5]), 'BYSCORE', 'LIMIT', 0, 100)
-for _, past in ipairs(old) do
-  for _, name in ipairs(names) do
-    redis.call('HDEL', KEYS[3], name .. ':' .. past)
-  end
-end
-if #old > 0 then
-  redis.call('ZREM', KEYS[4], unpack(old))
-end
+prune_outcomes(KEYS[3], KEYS[4], slot, tonumber(ARGV[5]))
 return #expired
