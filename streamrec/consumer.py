@@ -90,6 +90,9 @@ from streamrec.work import Work
 
 log = structlog.get_logger("streamrec.consumer")
 
+LEAVE_S = 5.0
+"""How long a stopping consumer waits for its renewals to stop, and again to leave the group."""
+
 __all__ = ["Consumer", "ConsumerConfig", "Delivery", "Handler", "ensure_group"]
 
 
@@ -207,12 +210,23 @@ class Consumer:
                     await self._recover(exc, failures)
         finally:
             await self._drain()
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            with contextlib.suppress(RedisError):
-                await self._group.leave()
+            await self._leave(renewer)
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
+
+    async def _leave(self, renewer: asyncio.Task[None]) -> None:
+        """Stop renewing and leave the group, each within LEAVE_S: an exit is never held up.
+
+        Both are courtesies (claims lapse and an empty consumer is pruned anyway),
+        so a Redis that does not answer in time is given up on, and said so.
+        """
+        renewer.cancel()
+        if (await asyncio.wait({renewer}, timeout=LEAVE_S))[1]:
+            log.warning("renewer_not_stopped", waited_s=LEAVE_S)
+        try:
+            async with asyncio.timeout(LEAVE_S):
+                await self._group.leave()
+        except (RedisError, TimeoutError) as exc:
+            log.warning("group_not_left", error=describe(exc))
 
     async def _idle(self) -> bool:
         if self._work:
