@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from streamrec.settings import Settings
 
 log = structlog.get_logger("streamrec.dev")
 
+UI_TOKEN_FILE = "ui-token"  # noqa: S105 - a file name, not the token
+"""Where ``dev`` keeps the dashboard's token when STREAMREC_UI_TOKEN is not set."""
 DEV_ACCOUNT_SID = "AC" + "0" * 32
 DEV_AUTH_TOKEN = "dev-auth-token"  # noqa: S105 - a fixed, local-only development secret
 
@@ -100,19 +103,37 @@ async def run(settings: Settings, stop: asyncio.Event, directory: Path) -> None:
     """Run webhook and consumer against working servers until ``stop``.
 
     ``dev_ready`` is logged once the database exists and the webhook listens;
-    a failure before (port taken, server unreachable) raises instead.
+    a failure before (port taken, server unreachable) raises instead. The
+    dashboard is on: with STREAMREC_UI_TOKEN, or else a token of its own kept
+    in ``directory/ui-token`` (made once; the log names the file, not the token).
     """
-    with local_servers(settings, directory) as servers:
+    with local_servers(dashboard_on(settings, directory), directory) as servers:
         async with dev_media(servers) as ready:
             await schema.migrate(ready.database_url)
             await service.run_all(ready, stop, on_ready=lambda: _ready(ready))
 
 
+def dashboard_on(settings: Settings, directory: Path) -> Settings:
+    """``settings`` with a dashboard token: its own, or the one kept in ``directory``."""
+    if settings.ui_token is not None and settings.ui_token.get_secret_value():
+        return settings
+    kept = directory / UI_TOKEN_FILE
+    if not kept.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        kept.touch(mode=0o600)
+        kept.write_text(secrets.token_urlsafe(32) + "\n", encoding="utf-8")
+    token = kept.read_text(encoding="utf-8").strip()
+    return settings.model_copy(update={"ui_token": SecretStr(token)})
+
+
 def _ready(settings: Settings) -> None:
     # The URLs may carry passwords: the log's redaction masks them.
+    local = f"http://127.0.0.1:{settings.http_port}"
     log.info(
         "dev_ready",
-        webhook=f"http://127.0.0.1:{settings.http_port}/twilio/recording?business_id=1",
+        webhook=f"{local}/twilio/recording?business_id=1",
+        dashboard=f"{local}/ui/",
+        dashboard_token=f"STREAMREC_UI_TOKEN, or the one in .dev/{UI_TOKEN_FILE}",
         redis=settings.redis_url,
         database=settings.database_url,
         try_it="python -m streamrec simulate; python -m streamrec status",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -457,6 +458,16 @@ async def test_dev_is_ready_once_listening_and_a_second_dev_fails_in_one_line(
     assert ready["redis"] == redis_with_password.replace("redsecret", "***")
     assert ready["database"] == new_database.replace("pgsecret", "***")
     assert "secret" not in log.read_text()
+    # The dashboard is on, behind a token kept in .dev/ui-token (not in the log).
+    assert ready["dashboard"] == f"http://127.0.0.1:{port}/ui/"
+    token = (tmp_path / ".dev" / "ui-token").read_text().strip()
+    assert len(token) >= 32
+    assert token not in log.read_text()
+    async with aiohttp.ClientSession() as session:
+        login = f"http://127.0.0.1:{port}/ui/login"
+        async with session.post(login, data={"token": token}, allow_redirects=False) as answer:
+            assert answer.status == 303
+            assert "streamrec_ui" in answer.cookies
 
     second = await streamrec("dev", env=env, cwd=tmp_path)
     assert second.returncode == 1
