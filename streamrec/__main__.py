@@ -21,8 +21,10 @@ from streamrec import (
     devrun,
     health,
     numbers,
+    partitions,
     reads,
     reconcile,
+    repartition,
     schema,
     semaphore,
     service,
@@ -32,8 +34,8 @@ from streamrec import (
 from streamrec import logging as logs
 from streamrec.devservers import ServerError
 from streamrec.events import BUSINESS_ID_RULE, is_business_id
-from streamrec.keys import Keys
 from streamrec.metrics import Metrics
+from streamrec.partitions import Layout
 from streamrec.retry import describe
 from streamrec.settings import ConfigError, Settings, address, load_settings
 
@@ -55,6 +57,7 @@ SUMMARIES = {
     " (Twilio's REST API)",
     "numbers": "map phone numbers to businesses, for reconcile",
     "businesses": "per-business transcription: mode, model, language, channels, speakers",
+    "partitions": "show the partition layout, or change the partition count once drained",
 }
 LOGGING = ("STREAMREC_LOG_FORMAT", "STREAMREC_LOG_LEVEL")
 """What ``main`` reads for every command before running it."""
@@ -99,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     _reconcile_parser(commands["reconcile"])
     _numbers_parser(commands["numbers"])
     businesses.add_arguments(commands["businesses"])
+    repartition.add_arguments(commands["partitions"])
     slots = commands["slots"].add_subparsers(dest="action", required=True, metavar="ACTION")
     _action(slots, "list", "per business: slots in use / limit, parked entries")
     limit = _action(slots, "set", "override one business's limit")
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_dispatch(args, settings))
     except Exception as exc:
         error = _first(exc)
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError | partitions.PartitionsChanged):
             print(f"streamrec: {error}", file=sys.stderr)
             return 2
         if settings is None or not isinstance(error, FAILURES):
@@ -262,25 +266,51 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _checked(redis: Redis, layout: Layout) -> Layout:
+    """The configured ``layout``, once Redis agrees on the partition count.
+
+    The operations commands check the count Redis records but never record it
+    (``partitions.claim`` is for the processes that run the streams): they
+    raise PartitionsChanged (exit 2) when it differs, as a wrong count would
+    read, or write, other partitions' keys.
+    """
+    recorded = await partitions.recorded(redis, layout.namespace)
+    if recorded is not None and recorded != layout.count:
+        raise partitions.PartitionsChanged(
+            f"STREAMREC_PARTITIONS is {layout.count}, but namespace {layout.namespace!r} "
+            f"has {recorded} partitions (recorded in {layout.home.partitions}). "
+            f"Run with STREAMREC_PARTITIONS={recorded}."
+        )
+    return layout
+
+
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with service.open_redis(settings) as redis:
-        keys = Keys(settings.namespace)
+        layout = await _checked(redis, settings.layout)
         if args.watch is not None:
             return await _until_signalled(
                 lambda stop: status.watch(
-                    redis, keys, default_slots=settings.business_slots, every_s=args.watch,
+                    redis, layout, default_slots=settings.business_slots, every_s=args.watch,
                     as_json=args.json, frames=args.count, stop=stop,
                 )
             )  # fmt: skip
-        report = await status.collect(redis, keys, default_slots=settings.business_slots)
+        report = await status.collect(redis, layout, default_slots=settings.business_slots)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return 0
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     async with service.open_redis(settings) as redis:
+        try:
+            layout = await _checked(redis, settings.layout)
+        except partitions.PartitionsChanged as exc:
+            # 1, not 2: a container health check knows only healthy (0) or not (1).
+            print(f"streamrec: {exc}", file=sys.stderr)
+            return 1
+        except (RedisError, OSError):
+            layout = settings.layout  # check says "redis unreachable" in its own words
         healthy, why = await health.check(
-            redis, Keys(settings.namespace), consumer=args.consumer, this_host=args.this_host
+            redis, layout, consumer=args.consumer, this_host=args.this_host
         )
     print(why, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
@@ -319,53 +349,70 @@ def _print_answer(answer: simulate.Posted) -> None:
 
 
 async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
-    keys = Keys(settings.namespace)
     async with service.open_redis(settings) as redis:
-        if args.action == "list":
-            letters = await deadletters.listing(redis, keys, count=args.count)
-            print(deadletters.render(letters, as_json=args.json))
-            return 0
-        if args.action == "replay":
-            if args.all:
-                print(f"replayed {await deadletters.replay_all(redis, keys)}")
+        layout = await _checked(redis, settings.layout)
+        try:
+            if args.action == "list":
+                letters = await deadletters.listing(redis, layout, count=args.count)
+                print(
+                    deadletters.render(letters, as_json=args.json, partitioned=layout.partitioned)
+                )
                 return 0
-            moved = await deadletters.replay(redis, keys, args.ids)
-            for old, new in moved.items():
-                print(f"{old} -> {new}" if new else f"{old}: no such dead letter")
-            return 0 if all(moved.values()) else 1
-        return await _purge(redis, keys, args)
+            if args.action == "replay":
+                return await _replay(redis, layout, args)
+            return await _purge(redis, layout, args)
+        except deadletters.Ambiguous as exc:
+            print(f"streamrec: nothing done: {exc}", file=sys.stderr)
+            return 2
 
 
-async def _purge(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
-    what = str(len(args.ids)) if args.ids else f"all {await redis.xlen(keys.dead)}"
+async def _replay(redis: Redis, layout: Layout, args: argparse.Namespace) -> int:
+    """``dlq replay``: each letter back on its own partition's stream."""
+    if args.all:
+        print(f"replayed {await deadletters.replay_all(redis, layout)}")
+        return 0
+    moved = await deadletters.replay_refs(redis, layout, args.ids)
+    for old, new in moved.items():
+        if new is None:
+            print(f"{old}: no such dead letter")
+        else:
+            partition, new_id = new
+            shown = deadletters.qualified(partition, new_id) if layout.partitioned else new_id
+            print(f"{old} -> {shown}")
+    return 0 if all(moved.values()) else 1
+
+
+async def _purge(redis: Redis, layout: Layout, args: argparse.Namespace) -> int:
+    if args.ids:
+        await deadletters.locate(redis, layout, args.ids)  # an ambiguous id: refused before asking
+    what = str(len(args.ids)) if args.ids else f"all {await deadletters.total(redis, layout)}"
     if not args.yes:
         if not sys.stdin.isatty():
             print("streamrec: dlq purge deletes for good; confirm with --yes", file=sys.stderr)
             return 2
-        answer = await asyncio.to_thread(
-            input, f"Delete {what} dead letters of {keys.dead}? [y/N] "
-        )
+        where = status.named(layout).dead
+        answer = await asyncio.to_thread(input, f"Delete {what} dead letters of {where}? [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing deleted")
             return 1
-    print(f"deleted {await deadletters.purge(redis, keys, args.ids or None)}")
+    print(f"deleted {await deadletters.purge(redis, layout, args.ids or None)}")
     return 0
 
 
 async def _slots(args: argparse.Namespace, settings: Settings) -> int:
-    keys = Keys(settings.namespace)
     async with service.open_redis(settings) as redis:
-        slots = semaphore.Slots(
-            redis, keys, default_limit=settings.business_slots, lease_ms=settings.lease_ms
-        )
-        if args.action == "set":
-            if args.limit < 1:
+        layout = await _checked(redis, settings.layout)
+        if args.action in {"set", "unset"}:
+            # A business's limit lives in its partition, beside its slots.
+            slots = semaphore.Slots(
+                redis, layout.of(args.business_id), default_limit=settings.business_slots,
+                lease_ms=settings.lease_ms,
+            )  # fmt: skip
+            if args.action == "set" and args.limit < 1:
                 print("streamrec: a limit is at least 1", file=sys.stderr)
                 return 2
-            await slots.set_limit(args.business_id, args.limit)
-        elif args.action == "unset":
-            await slots.set_limit(args.business_id, None)
-        rows = await semaphore.picture(redis, keys, default_limit=settings.business_slots)
+            await slots.set_limit(args.business_id, args.limit if args.action == "set" else None)
+        rows = await status.businesses(redis, layout, default_limit=settings.business_slots)
     print(f"default limit {settings.business_slots or 'off'}")
     for row in rows:
         print(f"{row['business_id']:<36} {row['in_use']}/{row['limit']}  parked {row['parked']}")
@@ -411,6 +458,7 @@ TOOLS: dict[str, Tool] = {
     "reconcile": _reconcile,
     "numbers": numbers.command,
     "businesses": businesses.command,
+    "partitions": repartition.command,
 }
 
 

@@ -61,6 +61,13 @@ Delivery contract
   its reserved slot is held for it until it is read, however long the backlog.
   Slots freed without a release (a crashed holder) are found by a sweep that
   one consumer of the group runs per period, over the businesses due only.
+* **Partitions** (``streamrec.partitions``, ``STREAMREC_PARTITIONS`` above 1).
+  Each partition is a stream and group of its own, and everything above holds
+  per partition: a consumer serves them all, one read loop each
+  (``streamrec.lane``), sharing its concurrency; an entry's claim, slot, retries
+  and dead letter stay in its own partition, which its business fixes. On a
+  Redis Cluster a partition whose server fails stops only its own loop, which
+  retries until the cluster has promoted a replica.
 * **Shutdown.** When ``stop`` is set the consumer stops reading, lets in-flight
   handlers finish within the grace period, cancels the rest and leaves their
   entries pending for reclaim; their slots are released.
@@ -70,23 +77,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from streamrec.aio import first, wait_set
-from streamrec.delivery import DeadHook, Delivery, Handler, delivered
-from streamrec.group import Group, ensure_group
+from streamrec.aio import wait_set
+from streamrec.confirm import Confirmer
+from streamrec.delivery import DeadHook, Delivery, Handler
+from streamrec.group import ensure_group
 from streamrec.keys import Keys
+from streamrec.lane import Budget, Lane
 from streamrec.metrics import Metrics
+from streamrec.partitions import Layout
 from streamrec.retry import RetryPolicy, describe
-from streamrec.runner import Runner
-from streamrec.semaphore import Held, Slots
-from streamrec.work import Work
+from streamrec.semaphore import Slots
 
 log = structlog.get_logger("streamrec.consumer")
 
@@ -94,13 +100,6 @@ LEAVE_S = 5.0
 """How long a stopping consumer waits for its renewals to stop, and again to leave the group."""
 
 __all__ = ["Consumer", "ConsumerConfig", "Delivery", "Handler", "ensure_group"]
-
-
-class Taken(NamedTuple):
-    """An entry just read or reclaimed, with its delivery count in the PEL."""
-
-    delivery: Delivery
-    claimed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +114,26 @@ class ConsumerConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     log_fields: tuple[str, ...] = ()
     """Entry fields bound to every log line about the entry (with ``entry_id``)."""
+    replica_acks: int = 0
+    """Replicas that must have a partition's reads, slots and renewals before they are
+    acted on (``streamrec.confirm``); 0: none asked."""
+    confirm_ms: int = 1_000
+    """How long one confirmation may wait for them."""
 
 
 class Consumer:
-    """Runs ``handler`` for the entries of the stream, as one consumer of the group."""
+    """Runs ``handler`` for the entries of the stream, as one consumer of the group.
+
+    ``keys`` is one partition's keys, or a ``Layout``: then the consumer serves
+    every partition, one ``Lane`` each, and ``slots`` (given for any one
+    partition) is used on each partition's keys.
+    """
 
     def __init__(
         self,
         *,
         redis: aioredis.Redis,
-        keys: Keys,
+        keys: Keys | Layout,
         handler: Handler,
         config: ConsumerConfig,
         on_dead: DeadHook | None = None,
@@ -133,39 +142,37 @@ class Consumer:
     ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
+        partitions = list(keys) if isinstance(keys, Layout) else [keys]
+        tagged = isinstance(keys, Layout) and keys.partitioned
+        self._budget = Budget(config.concurrency, len(partitions))
+        confirm = None
+        if config.replica_acks:
+            confirm = Confirmer(
+                redis, replicas=config.replica_acks, wait_ms=config.confirm_ms, name=config.name
+            )
+        self.lanes = [
+            Lane(
+                redis=redis,
+                keys=part,
+                name=config.name,
+                handler=handler,
+                budget=self._budget,
+                policy=config.retry,
+                claim_idle_ms=config.claim_idle_ms,
+                block_ms=config.block_ms,
+                on_dead=on_dead,
+                metrics=self._metrics,
+                slots=None if slots is None else slots.on(part),
+                log_fields=config.log_fields,
+                tagged=tagged,
+                confirm=confirm,
+            )
+            for part in partitions
+        ]
         # In-flight is read when /metrics is scraped.
-        self._metrics.in_flight.set_function(lambda: len(self._work))
-        self._slots = slots
-        self._group = Group(redis, keys, config.name)
-        self._work: dict[str, Work] = {}
-        """The entries in work, one per entry id: never two tasks for one entry."""
-        # Refill in batches: read once a tenth of the concurrency is free, not per entry.
-        self._low_water = max(1, min(config.concurrency // 10, 64))
-        self._slot_freed = asyncio.Event()
-        self._running = 0
-        """Entries whose handler runs now: what the concurrency limit counts. An entry
-        whose ack is on its way no longer counts, so reads overlap acks."""
+        self._metrics.in_flight.set_function(lambda: self.in_flight)
         self._claim_s = config.claim_idle_ms / 1000
-        # A blocking read's entries are delivered at some moment while it waits; their
-        # claim is dated from the moment it was sent, so the wait must stay short of it.
-        self._block_ms = max(1, min(config.block_ms, config.claim_idle_ms // 4))
         self._stop = asyncio.Event()
-        self._next_reclaim = 0.0
-        self._runner = Runner(
-            redis=redis,
-            keys=keys,
-            group=self._group,
-            handler=handler,
-            policy=config.retry,
-            claim_s=self._claim_s,
-            free=self._done_running,
-            on_dead=on_dead,
-            metrics=self._metrics,
-            slots=slots,
-            log_fields=config.log_fields,
-        )
-        self.reclaim_passes = 0
-        """Completed XAUTOCLAIM scans of the whole group's pending list."""
 
     @property
     def name(self) -> str:
@@ -175,46 +182,63 @@ class Consumer:
     @property
     def processed(self) -> int:
         """Entries this consumer completed and acked."""
-        return self._runner.processed
+        return sum(lane.runner.processed for lane in self.lanes)
 
     @property
     def dead_lettered(self) -> int:
         """Entries this consumer moved to the dead letters."""
-        return self._runner.dead_lettered
+        return sum(lane.runner.dead_lettered for lane in self.lanes)
 
     @property
     def in_flight(self) -> int:
         """Entries this consumer is working on now."""
-        return len(self._work)
+        return sum(len(lane.work) for lane in self.lanes)
+
+    @property
+    def reclaim_passes(self) -> int:
+        """Completed XAUTOCLAIM scans of the pending list of every partition."""
+        return min(lane.reclaim_passes for lane in self.lanes)
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until nothing is left).
 
         Redis being unreachable is logged and retried; it does not end the loop.
+        With partitions, each is read by its own loop, so one partition's
+        server failing holds up none of the others.
         """
         self._stop = stop
-        self._runner.stopping(stop)
-        await self._group.ensure()
-        log.info("consumer_started", consumer=self.name, concurrency=self._config.concurrency)
+        for lane in self.lanes:
+            lane.stopping(stop)
+        await asyncio.gather(*(lane.group.ensure() for lane in self.lanes))
+        log.info(
+            "consumer_started",
+            consumer=self.name,
+            concurrency=self._config.concurrency,
+            partitions=len(self.lanes),
+        )
         renewer = asyncio.create_task(self._renew_forever())
-        failures = 0
         try:
-            while not stop.is_set():
-                try:
-                    taken = await self._fill()
-                    failures = 0
-                    if until_idle and not taken and await self._idle():
-                        break
-                except RedisError as exc:
-                    failures += 1
-                    await self._recover(exc, failures)
+            await asyncio.gather(*(self._serve(lane, until_idle) for lane in self.lanes))
         finally:
             await self._drain()
             await self._leave(renewer)
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
 
+    async def _serve(self, lane: Lane, until_idle: bool) -> None:
+        """Fill ``lane`` until stopped (or idle), riding out Redis failures."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                taken = await lane.fill()
+                failures = 0
+                if until_idle and not taken and await lane.idle():
+                    return
+            except RedisError as exc:
+                failures += 1
+                await self._recover(lane, exc, failures)
+
     async def _leave(self, renewer: asyncio.Task[None]) -> None:
-        """Stop renewing and leave the group, each within LEAVE_S: an exit is never held up.
+        """Stop renewing and leave the groups, each within LEAVE_S: an exit is never held up.
 
         Both are courtesies (claims lapse and an empty consumer is pruned anyway),
         so a Redis that does not answer in time is given up on, and said so.
@@ -224,176 +248,51 @@ class Consumer:
             log.warning("renewer_not_stopped", waited_s=LEAVE_S)
         try:
             async with asyncio.timeout(LEAVE_S):
-                await self._group.leave()
+                await asyncio.gather(*(lane.group.leave() for lane in self.lanes))
         except (RedisError, TimeoutError) as exc:
             log.warning("group_not_left", error=describe(exc))
 
-    async def _idle(self) -> bool:
-        if self._work:
-            return False
-        return self._slots is None or await self._slots.parked_total() == 0
-
-    async def _recover(self, error: RedisError, failures: int) -> None:
+    async def _recover(self, lane: Lane, error: RedisError, failures: int) -> None:
         """Back off after a Redis failure; recreate the group if it vanished."""
         if isinstance(error, ResponseError) and "NOGROUP" in str(error):
             # The stream or group is gone: a Redis restarted without persistence.
-            log.warning("group_missing", error=describe(error))
+            log.warning("group_missing", error=describe(error), partition=lane.keys.partition)
             with contextlib.suppress(RedisError):
-                await self._group.ensure()
+                await lane.group.ensure()
                 return
-        log.warning("redis_unavailable", error=describe(error), failures=failures)
+        log.warning(
+            "redis_unavailable",
+            error=describe(error),
+            failures=failures,
+            partition=lane.keys.partition,
+        )
         await wait_set(self._stop, min(0.1 * 2**failures, 5.0))
-
-    async def _fill(self) -> int:
-        """Wait for free concurrency, take entries (reclaim first, else read), start them.
-
-        Returns how many entries were taken, started or parked.
-        """
-        while self._config.concurrency - self._running < self._low_water:
-            self._slot_freed.clear()
-            await first(self._slot_freed.wait(), self._stop.wait())
-            if self._stop.is_set():
-                return 0
-        free = self._config.concurrency - self._running
-        claimed_at = time.monotonic()
-        batch = await self._reclaim(free)
-        if not batch:
-            claimed_at = time.monotonic()
-            batch = await self._read(free)
-        slot_at = time.monotonic()
-        for taken, held in await self._admit(batch):
-            self._start(taken, held, claimed_at, slot_at)
-        return len(batch)
-
-    async def _read(self, count: int) -> list[Taken]:
-        # While entries flow a plain read answers at once; only an empty stream
-        # is waited on, and that wait gives way to a stop.
-        entries = await self._group.read(count, None)
-        if not entries:
-            entries = await first(self._group.read(count, self._block_ms), self._stop.wait())
-        # None: stopped while blocked. Should the read have been served anyway,
-        # its entries sit in our PEL and are reclaimed like a crash's.
-        return [Taken(delivered(i, fields, 1), 1) for i, fields in entries or []]
-
-    async def _reclaim(self, count: int) -> list[Taken]:
-        """Take over entries idle longer than the claim time, at most every third of it.
-
-        An entry this process is still working on (its renewals failed for a
-        while) is not started again: its claim is renewed with its true count.
-        """
-        now = time.monotonic()
-        if now < self._next_reclaim:
-            return []
-        taken = await self._group.reclaim(self._config.claim_idle_ms, count)
-        if taken.scan_done:
-            self._next_reclaim = now + self._claim_s / 3
-            self.reclaim_passes += 1
-        if taken.deleted:
-            log.warning("reclaimed_entries_gone", entry_ids=taken.deleted)
-        ours = [self._work[i] for i, _ in taken.entries if i in self._work]
-        if ours:
-            log.warning("own_entries_reclaimed", entry_ids=[w.entry_id for w in ours])
-            await self._renew_claims(ours)
-        fresh = [(i, f) for i, f in taken.entries if i not in self._work]
-        if not fresh:
-            return []
-        self._metrics.reclaimed.inc(len(fresh))
-        log.info("entries_reclaimed", count=len(fresh), consumer=self.name)
-        counts = taken.counts
-        return [
-            Taken(delivered(i, f, counts.get(i, 1), reclaimed=True), counts.get(i, 1))
-            for i, f in fresh
-        ]
-
-    async def _admit(self, batch: list[Taken]) -> list[tuple[Taken, Held | None]]:
-        """The entries that may run now, with their slots; the others were parked (or are gone)."""
-        if self._slots is None or not batch:
-            return [(taken, None) for taken in batch]
-        admission = await self._slots.admit([taken.delivery for taken in batch])
-        self._metrics.parked.inc(admission.parked)
-        held = {h.entry_id: h for h in admission.held}
-        return [
-            (taken, held.get(taken.delivery.entry_id))
-            for taken in batch
-            if taken.delivery.entry_id not in admission.refused
-        ]
-
-    def _start(self, taken: Taken, held: Held | None, claimed_at: float, slot_at: float) -> None:
-        entry_id = taken.delivery.entry_id
-        assert entry_id not in self._work, f"entry {entry_id} is already in work"  # noqa: S101
-        work = Work(taken.delivery, taken.claimed, claimed_at + self._claim_s, held)
-        if held is not None and self._slots is not None:
-            work.slot_until = slot_at + self._slots.lease_ms / 1000
-        self._work[entry_id] = work
-        self._running += 1
-        work.arm()
-        work.task = asyncio.create_task(self._runner.process(work))
-        work.task.add_done_callback(lambda _: self._finished(work))
-
-    def _finished(self, work: Work) -> None:
-        if self._work.get(work.entry_id) is work:
-            del self._work[work.entry_id]
-
-    def _done_running(self, work: Work) -> None:
-        if work.finish_running():
-            self._running -= 1
-            self._slot_freed.set()
 
     async def _renew_forever(self) -> None:
         """Keep claims and slot leases of running entries alive; sweep parked entries."""
         period_ms = self._config.claim_idle_ms
-        if self._slots is not None:
-            period_ms = min(period_ms, self._slots.lease_ms)
+        leases = [lane.slots.lease_ms for lane in self.lanes if lane.slots is not None]
+        period_ms = min([period_ms, *leases])
         while True:
             await asyncio.sleep(period_ms / 3000)
-            try:
-                await self.renew()
-            except RedisError as exc:
-                log.warning("renewal_failed", error=describe(exc))
+            await self.renew()
 
     async def renew(self) -> None:
-        """One renewal: claims, then slot leases, then a sweep of parked entries.
-
-        An entry whose claim or lease turns out lost is stopped at once.
-        """
-        await self._renew_claims([w for w in self._work.values() if w.running])
-        if self._slots is None:
-            return
-        await self._renew_slots([w for w in self._work.values() if w.running and w.held])
-        woken = await self._slots.sweep()
-        if woken:
-            log.info("parked_entries_woken", count=woken)
-
-    async def _renew_claims(self, works: list[Work]) -> None:
-        if not works:
-            return
-        sent = time.monotonic()
-        counts = await self._group.renew([(w.entry_id, w.claimed) for w in works])
-        lost = []
-        for work, count in zip(works, counts, strict=True):
-            if count >= 0:
-                work.renewed(claim_until=sent + self._claim_s)
-            elif count == -1:
-                lost.append(work.entry_id)
-                work.stop("claim lost: another consumer owns the entry")
-        if lost:
-            log.warning("claims_lost", entry_ids=lost)
-
-    async def _renew_slots(self, works: list[Work]) -> None:
-        assert self._slots is not None  # noqa: S101 - called only with slots on
-        sent = time.monotonic()
-        lost = set(await self._slots.renew([w.held for w in works if w.held is not None]))
-        for work in works:
-            if work.entry_id in lost:
-                work.stop("slot lease lost: the slot went to another entry")
-            else:
-                work.renewed(slot_until=sent + self._slots.lease_ms / 1000)
-        if lost:
-            log.warning("slot_leases_lost", entry_ids=sorted(lost))
+        """One renewal of every partition: claims, then slot leases, then a sweep of parked
+        entries. An entry whose claim or lease turns out lost is stopped at once; a
+        partition whose server fails is logged and left to the next renewal."""
+        results = await asyncio.gather(
+            *(lane.renew() for lane in self.lanes), return_exceptions=True
+        )
+        for lane, result in zip(self.lanes, results, strict=True):
+            if isinstance(result, RedisError):
+                log.warning("renewal_failed", error=describe(result), partition=lane.keys.partition)
+            elif isinstance(result, BaseException):
+                raise result
 
     async def _drain(self) -> None:
         """Let in-flight work finish within the grace period; cancel what is left."""
-        tasks = [w.task for w in self._work.values() if w.task is not None]
+        tasks = [w.task for lane in self.lanes for w in lane.work.values() if w.task is not None]
         if not tasks:
             return
         log.info("draining", in_flight=len(tasks), grace_s=self._config.shutdown_grace_s)

@@ -23,7 +23,9 @@ import structlog
 from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 from streamrec import status
+from streamrec.connections import each_primary
 from streamrec.keys import Keys
+from streamrec.partitions import Layout, as_layout
 
 log = structlog.get_logger("streamrec.health")
 
@@ -51,10 +53,16 @@ async def require_redis(
     server raises RedisError, or with ``unreachable_ok`` (the webhook, which
     answers 503 until Redis is back) is logged and let pass.
     """
+    refusal, warnings = None, []
     try:
-        server = await status.server(redis)
-        refusal = server.refusal or (await _waitaof_refusal(redis, server) if wait_aof else None)
-        warnings = [*server.warnings, *await _replica_warnings(redis, server, replica_acks)]
+        async with each_primary(redis) as primaries:  # on a cluster, every primary
+            for primary in primaries:
+                server = await status.server(primary)
+                refusal = refusal or server.refusal
+                if wait_aof:
+                    refusal = refusal or await _waitaof_refusal(primary, server)
+                warnings += server.warnings
+                warnings += await _replica_warnings(primary, server, replica_acks)
     except (ConnectionError, TimeoutError) as exc:
         if not unreachable_ok:
             raise
@@ -100,24 +108,32 @@ async def require_replicas(redis: aioredis.Redis, wanted: int) -> None:
     """Raise TooFewReplicas unless ``wanted`` replicas of the server are online (in sync)."""
     if not wanted:
         return
-    info = await redis.info("replication")
-    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
-    online = sum(1 for replica in replicas if replica.get("state") == "online")
-    if online < wanted:
-        raise TooFewReplicas(f"{online} of {wanted} replicas online")
+    async with each_primary(redis) as primaries:  # on a cluster, each primary's own
+        for primary in primaries:
+            info = await primary.info("replication")
+            replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            online = sum(1 for replica in replicas if replica.get("state") == "online")
+            if online < wanted:
+                raise TooFewReplicas(f"{online} of {wanted} replicas online")
 
 
 async def check(
-    redis: aioredis.Redis, keys: Keys, *, consumer: str | None = None, this_host: bool = False
+    redis: aioredis.Redis,
+    keys: Keys | Layout,
+    *,
+    consumer: str | None = None,
+    this_host: bool = False,
 ) -> tuple[bool, str]:
     """(healthy, one line saying why).
 
     With ``consumer``, that consumer's heartbeat must be fresh; with
     ``this_host``, one of a consumer on this host; otherwise any consumer's.
+    The registry is deployment-wide (the layout's ``home``): one read, whatever
+    the partitions.
     """
     try:
         await redis.ping()
-        beats = await status.heartbeats(redis, keys)
+        beats = await status.heartbeats(redis, as_layout(keys).home)
     except (RedisError, OSError) as exc:
         return False, f"redis unreachable: {type(exc).__name__}: {exc}"
     host = socket.gethostname()

@@ -1,8 +1,12 @@
 """Every Redis key, stream and group name streamrec uses, in one place.
 
-All keys of one namespace share the hash tag ``{<namespace>}`` so that the Lua
-scripts, which touch several keys at once, also run on Redis Cluster. A later
-partitioning by business would give each partition its own tag.
+All keys of one partition share one hash tag, so that the Lua scripts, which
+touch several keys at once, run on Redis Cluster too. With one partition (the
+default) that tag is ``{<namespace>}`` for every key. With more
+(``streamrec.partitions``), each partition's stream, group, dead letters, slots,
+parked lists and dedupe markers carry the partition's own tag, and what belongs
+to the whole deployment (the consumer registry, heartbeats, outcome counts, the
+reconcile lease, the partition count) keeps ``{<namespace>}``.
 """
 
 from __future__ import annotations
@@ -14,13 +18,28 @@ GROUP = "workers"
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names for one namespace (``STREAMREC_NAMESPACE``)."""
+    """Key names for one namespace (``STREAMREC_NAMESPACE``), or one partition of it."""
 
     namespace: str = "streamrec"
+    tag: str = ""
+    """The hash tag's text (empty: the namespace); a partition's own (``streamrec.partitions``)."""
+    partition: int = 0
+    """Which partition these keys are (0 of 1 without partitions)."""
 
     @property
     def _tag(self) -> str:
-        return "{" + self.namespace + "}"
+        return "{" + (self.tag or self.namespace) + "}"
+
+    @property
+    def confirmed(self) -> str:
+        """Written just before a WAIT that confirms the partition's writes on replicas
+        (``streamrec.confirm``): the name of the process that last confirmed."""
+        return f"{self._tag}:confirmed"
+
+    @property
+    def partitions(self) -> str:
+        """How many partitions the namespace has: recorded at first start, checked at each."""
+        return f"{self._tag}:partitions"
 
     @property
     def stream(self) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -74,6 +75,30 @@ class Metrics:
         self.dead_letters = Gauge(
             "streamrec_dead_letters", "Entries in the dead-letter stream.", registry=r
         )
+        self.partition_pending = Gauge(
+            "streamrec_partition_pending_entries",
+            "Entries delivered and not yet acked, per partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.partition_oldest_pending_age = Gauge(
+            "streamrec_partition_oldest_pending_age_seconds",
+            "Idle time of the partition's oldest pending entry.",
+            ["partition"],
+            registry=r,
+        )
+        self.partition_lag = Gauge(
+            "streamrec_partition_lag_entries",
+            "Entries of the partition not yet delivered to any consumer.",
+            ["partition"],
+            registry=r,
+        )
+        self.partition_dead_letters = Gauge(
+            "streamrec_partition_dead_letters",
+            "Entries in the partition's dead-letter stream.",
+            ["partition"],
+            registry=r,
+        )
         self.reconcile_runs = Counter(
             "streamrec_reconcile_runs", "Reconcile runs by this process, by outcome (ok, failed).",
             ["outcome"], registry=r,
@@ -105,6 +130,21 @@ class Metrics:
             yield
         finally:
             self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+
+    def sample(self, report: dict[str, Any]) -> None:
+        """Set the group's gauges from a status document (``status.collect``): the
+        totals over every partition, and each partition's own."""
+        self.pending.set(report["pending"])
+        self.lag.set(report["lag"] or 0)
+        self.dead_letters.set(report["dead_letters"])
+        self.oldest_pending_age.set((report["oldest_pending_idle_ms"] or 0) / 1000)
+        for part in report["partitions"]:
+            index = str(part["index"])
+            self.partition_pending.labels(index).set(part["pending"])
+            self.partition_lag.labels(index).set(part["lag"] or 0)
+            self.partition_dead_letters.labels(index).set(part["dead_letters"])
+            idle = (part["oldest_pending_idle_ms"] or 0) / 1000
+            self.partition_oldest_pending_age.labels(index).set(idle)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

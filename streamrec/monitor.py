@@ -15,9 +15,12 @@ Redis time, kept for an hour, from which ``status`` shows the last minute and
 hour of the whole group. A consumer that leaves counts its last ones on the
 way out; one that is killed loses at most its last beat's worth.
 
-Every few seconds the monitor also samples the group (pending, oldest pending
-age, lag, dead letters) into the metrics, and now and then logs a
-``consumer_progress`` line so a person watching the terminal sees the work move.
+The registry and the counts are deployment-wide (``layout.home``), whatever
+the partitions. Every few seconds the monitor also samples the group (pending,
+oldest pending age, lag, dead letters) into the metrics, over every partition
+and per partition (the ``streamrec_partition_*`` gauges, labelled with its
+index), and now and then logs a ``consumer_progress`` line so a person
+watching the terminal sees the work move.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from streamrec.aio import wait_set
 from streamrec.consumer import Consumer
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
+from streamrec.partitions import Layout, as_layout
 from streamrec.retry import describe
 
 log = structlog.get_logger("streamrec.monitor")
@@ -50,7 +54,7 @@ class Monitor:
         self,
         *,
         redis: aioredis.Redis,
-        keys: Keys,
+        layout: Keys | Layout,
         consumer: Consumer,
         metrics: Metrics,
         interval_s: float = 5.0,
@@ -58,7 +62,7 @@ class Monitor:
         metrics_port: int | None = None,
     ) -> None:
         self._redis = redis
-        self._keys = keys
+        self._layout = as_layout(layout)
         self._consumer = consumer
         self._metrics = metrics
         self._interval = interval_s
@@ -107,11 +111,8 @@ class Monitor:
             "metrics_port": self._metrics_port,
         }
         await self._send(beat)
-        report = await status.collect(self._redis, self._keys, detail=False)
-        self._metrics.pending.set(report["pending"])
-        self._metrics.lag.set(report["lag"] or 0)
-        self._metrics.dead_letters.set(report["dead_letters"])
-        self._metrics.oldest_pending_age.set((report["oldest_pending_idle_ms"] or 0) / 1000)
+        report = await status.collect(self._redis, self._layout, detail=False)
+        self._metrics.sample(report)
         self._maybe_progress(report)
 
     def _failed(self) -> int:
@@ -126,7 +127,7 @@ class Monitor:
             "failed": self._failed(),
             "dead_lettered": self._consumer.dead_lettered,
         }
-        k = self._keys
+        k = self._layout.home
         keys = [k.consumers, k.heartbeats, k.outcomes, k.outcome_slots, k.outcome_totals]
         args = [self._consumer.name, str(self.ttl_ms), json.dumps(beat) if beat else ""]
         args += [str(status.SLOT_MS), str(status.SLOTS_KEPT)]

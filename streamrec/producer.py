@@ -18,6 +18,7 @@ that first add is confirmed): nothing is lost and nothing is added twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -32,9 +33,12 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec import health, lua
 from streamrec.batch import Batcher
+from streamrec.confirm import MOVED, Unconfirmed
+from streamrec.connections import direct
 from streamrec.events import TERMINAL_STATUSES, InvalidEvent, RecordingEvent, is_business_id
 from streamrec.keys import Keys
 from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
+from streamrec.partitions import Layout, as_layout, index_of
 from streamrec.retry import describe
 from streamrec.tally import Tally, sending
 
@@ -50,7 +54,8 @@ class WebhookConfig:
     account_sid: str
     auth_token: str
     public_url: str
-    keys: Keys
+    keys: Keys | Layout
+    """The namespace's keys, or its partitions: a callback goes to its business's."""
     dedupe_ttl_s: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
     deadline_ms: int = 5_000
@@ -69,10 +74,6 @@ VALIDATOR_KEY: web.AppKey[RequestValidator] = web.AppKey("validator", RequestVal
 CHECKS_KEY: web.AppKey[dict[str, ReadinessCheck]] = web.AppKey("checks", dict)
 
 
-class Unconfirmed(RedisError):
-    """Redis took a batch's writes but confirmed them on fewer replicas (or AOFs) than asked."""
-
-
 SCRIPT = "producer_enqueue_once"
 
 WAIT_SHARE = 0.8
@@ -82,7 +83,9 @@ WAIT_SHARE = 0.8
 class Enqueuer:
     """Adds recording events to the stream, once per RecordingSid, answering within a deadline.
 
-    Callbacks arriving together share one script call. With ``replica_acks``
+    An event goes to the stream of its business's partition, where its
+    RecordingSid's marker lives too. Callbacks of one partition arriving
+    together share one script call. With ``replica_acks``
     (WAIT) or ``wait_aof`` (WAITAOF 1 0), the call and its confirmation go out
     on one connection, the one whose writes they count: one confirmation per
     batch, not per event.
@@ -91,7 +94,7 @@ class Enqueuer:
     def __init__(
         self,
         redis: aioredis.Redis,
-        keys: Keys,
+        keys: Keys | Layout,
         *,
         dedupe_ttl_s: int,
         deadline_ms: int = 5_000,
@@ -99,7 +102,7 @@ class Enqueuer:
         wait_aof: bool = False,
     ) -> None:
         self._redis = redis
-        self._keys = keys
+        self._layout = as_layout(keys)
         self._ttl = dedupe_ttl_s
         self._deadline_s = deadline_ms / 1000
         self._acks = replica_acks
@@ -109,7 +112,9 @@ class Enqueuer:
         # 0 would make WAIT block for ever.
         self._wait_ms = max(int(deadline_ms * WAIT_SHARE) // max(waits, 1), 1)
         self._script = lua.register(redis, SCRIPT)
-        self._batches: Batcher[RecordingEvent, tuple[bool, str]] = Batcher(self._enqueue)
+        self._batches: list[Batcher[RecordingEvent, tuple[bool, str]]] = [
+            Batcher(functools.partial(self._enqueue, part)) for part in self._layout
+        ]
 
     async def enqueue(self, event: RecordingEvent) -> tuple[bool, str]:
         """Add the event unless its recording was seen; returns (added, entry id).
@@ -123,11 +128,14 @@ class Enqueuer:
         once the call completes), so a repeat is answered as a duplicate,
         confirmed like a new one.
         """
+        partition = index_of(event.business_id, self._layout.count)
         async with asyncio.timeout(self._deadline_s):
-            return await self._batches.submit(event)
+            return await self._batches[partition].submit(event)
 
-    async def _enqueue(self, events: list[RecordingEvent]) -> list[tuple[bool, str] | Exception]:
-        keys, args = _enqueue_input(self._keys, self._ttl, events, rewrite=self._confirms)
+    async def _enqueue(
+        self, part: Keys, events: list[RecordingEvent]
+    ) -> list[tuple[bool, str] | Exception]:
+        keys, args = _enqueue_input(part, self._ttl, events, rewrite=self._confirms)
         # A batch stuck on a silent Redis frees the batcher by the deadline; its
         # callers have had their answer by then.
         async with asyncio.timeout(self._deadline_s):
@@ -160,8 +168,24 @@ class Enqueuer:
         asks SCRIPT EXISTS first, a round trip per batch, and EVALSHA would
         fail on a server that has not seen the script (a new primary after a
         failover) after its WAIT had blocked. Redis caches the compiled script.
+        On a cluster the pipeline goes to the partition's primary directly: the
+        cluster client would send WAIT to another node, whose answer confirms
+        nothing of this write.
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
+        nodes = direct(self._redis)
+        if nodes is None:
+            return await self._confirm_on(self._redis, keys, args)
+        # A cluster: on a connection of the partition's primary, found anew once if it moved.
+        try:
+            return await self._confirm_on(await nodes.for_key(keys[0]), keys, args)
+        except MOVED:
+            await nodes.refresh(keys[0])
+            return await self._confirm_on(await nodes.for_key(keys[0]), keys, args)
+
+    async def _confirm_on(
+        self, redis: aioredis.Redis, keys: list[str], args: list[str]
+    ) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.eval(lua.source(SCRIPT), len(keys), *keys, *args)
             if self._acks:
                 pipe.wait(self._acks, self._wait_ms)
@@ -224,7 +248,7 @@ def create_app(
         wait_aof=config.wait_aof,
     )
     app[METRICS_KEY] = metrics or Metrics()
-    app[TALLY_KEY] = Tally(redis, config.keys, every_s=tally_every_s)
+    app[TALLY_KEY] = Tally(redis, as_layout(config.keys).home, every_s=tally_every_s)
     app.cleanup_ctx.append(lambda app: sending(app[TALLY_KEY]))
     app[CHECKS_KEY] = {"redis": lambda: _ping(redis), **(checks or {})}
     if config.replica_acks:

@@ -47,6 +47,7 @@ from streamrec.aio import wait_set
 from streamrec.events import CALL_SID, TERMINAL_STATUSES, InvalidEvent, RecordingEvent
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
+from streamrec.partitions import Layout, as_layout
 from streamrec.producer import Enqueuer
 from streamrec.retry import describe
 from streamrec.store import Store
@@ -129,7 +130,7 @@ class Reconciler:
         api: TwilioApi,
         pool: Any,
         redis: aioredis.Redis,
-        keys: Keys,
+        keys: Keys | Layout,
         enqueuer: Enqueuer,
         default_business: str | None = None,
         metrics: Metrics | None = None,
@@ -139,7 +140,8 @@ class Reconciler:
         self._pool = pool
         self._store = Store(pool)
         self._redis = redis
-        self._keys = keys
+        self._layout = as_layout(keys)
+        self._keys = self._layout.home
         self._enqueuer = enqueuer
         self._default = default_business
         self._metrics = metrics or Metrics()
@@ -200,15 +202,17 @@ class Reconciler:
         outcome.known += len(events) - added  # their callbacks came in the meantime
 
     async def _unknown(self, listed: list[Listed]) -> list[Listed]:
-        """Those of ``listed`` with neither a row nor a dedupe marker: one lookup in each."""
+        """Those of ``listed`` with neither a row nor a dedupe marker: one lookup in each
+        (the markers in every partition: a recording's business is not known yet)."""
         if not listed:
             return []
         sids = [r.sid for r in listed]
-        rows, markers = await asyncio.gather(
-            self._store.known(sids), self._redis.mget([self._keys.seen(sid) for sid in sids])
+        rows, *markers = await asyncio.gather(
+            self._store.known(sids),
+            *(self._redis.mget([part.seen(sid) for sid in sids]) for part in self._layout),
         )
-        return [r for r, marker in zip(listed, markers, strict=True)
-                if marker is None and r.sid not in rows]  # fmt: skip
+        marked = {sid for found in markers for sid, m in zip(sids, found, strict=True) if m}
+        return [r for r in listed if r.sid not in marked and r.sid not in rows]
 
     def _event(
         self, recording: Listed, call: Call | None, mapped: dict[str, str], outcome: Outcome

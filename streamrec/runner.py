@@ -61,6 +61,7 @@ class Runner:
         metrics: Metrics,
         slots: Slots | None,
         log_fields: tuple[str, ...],
+        partition: int | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -74,6 +75,8 @@ class Runner:
         self._metrics = metrics
         self._slots = slots
         self._log_fields = log_fields
+        self._partition = {} if partition is None else {"partition": partition}
+        """Bound to every log line about an entry when there are several partitions."""
         self._completed = metrics.entries.labels("completed")
         self._left_pending = metrics.entries.labels("left_pending")
         self._acks: Batcher[Work, None] = Batcher(self._flush)
@@ -92,7 +95,9 @@ class Runner:
         context = {f: fields[f] for f in self._log_fields if f in fields}
         # This task runs in its own copy of the context: what is bound here is
         # seen by every log line about the entry and gone with the task.
-        structlog.contextvars.bind_contextvars(entry_id=delivery.entry_id, **context)
+        structlog.contextvars.bind_contextvars(
+            entry_id=delivery.entry_id, **self._partition, **context
+        )
         try:
             outcome = await self._outcome(work)
             self._free(work)

@@ -121,6 +121,7 @@ class Slots:
         lease_ms: int = 30_000,
         field: str = "business_id",
     ) -> None:
+        self._redis = redis
         self._keys = keys
         self.default_limit = default_limit
         self.lease_ms = lease_ms
@@ -133,6 +134,21 @@ class Slots:
         self._sweep = lua.register(redis, "slots_sweep", PRELUDE)
         self._limit = lua.register(redis, "slots_limit", PRELUDE)
         self._parked = lua.register(redis, "slots_parked", PRELUDE)
+
+    @property
+    def keys(self) -> Keys:
+        """The keys of the partition these slots are of."""
+        return self._keys
+
+    def on(self, keys: Keys) -> Slots:
+        """The same slots (default limit, lease, field) on another partition's keys."""
+        return Slots(
+            self._redis,
+            keys,
+            default_limit=self.default_limit,
+            lease_ms=self.lease_ms,
+            field=self.field,
+        )
 
     def business(self, fields: dict[str, str]) -> str | None:
         """The business an entry counts against (None: not limited)."""

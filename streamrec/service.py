@@ -17,12 +17,11 @@ import openai
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import RedisError
 
-from streamrec import dashboard, health, schema, store, twilio_api
+from streamrec import dashboard, health, partitions, schema, store, twilio_api
 from streamrec.businesses import Businesses, default_profile
+from streamrec.connections import open_redis, redis_client
 from streamrec.consumer import Consumer, ConsumerConfig
 from streamrec.conversation import Transcripts
 from streamrec.keys import Keys
@@ -39,42 +38,7 @@ from streamrec.twilio import MediaClient
 
 log = structlog.get_logger("streamrec.service")
 
-
-REDIS_CONNECTIONS = 64
-
-
-def redis_client(url: str, *, block_ms: int = 2_000) -> aioredis.Redis:
-    """A Redis client that reconnects and retries a command on a dropped connection.
-
-    Every command streamrec sends is safe to repeat (the enqueue script dedupes,
-    acks are idempotent, a repeated read only leaves entries to reclaim), so a
-    Redis restart costs a reconnect, not an error. The socket timeout outlasts
-    the consumer's blocking read.
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        # Past this many commands in flight, callers wait for a connection
-        # (up to `timeout`) instead of failing.
-        max_connections=REDIS_CONNECTIONS,
-        timeout=10,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=block_ms / 1000 + 10,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-        retry_on_error=[ConnectionError, TimeoutError],
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
-@contextlib.asynccontextmanager
-async def open_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    """The process's Redis client, closed on exit."""
-    client = redis_client(settings.redis_url, block_ms=settings.block_ms)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+__all__ = ["consume", "open_redis", "redis_client", "run_all", "serve"]
 
 
 @contextlib.asynccontextmanager
@@ -115,6 +79,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         block_ms=settings.block_ms,
         shutdown_grace_s=settings.shutdown_grace_s,
         log_fields=("recording_sid", "call_sid", "business_id"),
+        replica_acks=settings.min_replica_acks,
         retry=RetryPolicy(
             max_deliveries=settings.max_deliveries,
             base_s=settings.retry_base_ms / 1000,
@@ -142,15 +107,16 @@ async def consume(
     """
     await schema.migrate(settings.database_url)
     metrics = metrics or Metrics()
-    keys = Keys(settings.namespace)
+    layout = settings.layout
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings))
         if check_redis:
             await health.require_redis(redis)
+            await partitions.claim(redis, layout)
         pipeline = await _pipeline(settings, stack, metrics)
         consumer = Consumer(
             redis=redis,
-            keys=keys,
+            keys=layout,
             handler=pipeline,
             config=consumer_config(settings),
             on_dead=pipeline.dead,
@@ -164,7 +130,7 @@ async def consume(
             )
         monitor = Monitor(
             redis=redis,
-            keys=keys,
+            layout=layout,
             consumer=consumer,
             metrics=metrics,
             interval_s=settings.heartbeat_s,
@@ -192,7 +158,7 @@ async def open_reconciler(
     It enqueues as the webhook does (same Enqueuer, confirmations included).
     """
     account_sid, auth_token = settings.twilio_credentials()
-    keys = Keys(settings.namespace)
+    keys = settings.layout
     async with contextlib.AsyncExitStack() as stack:
         # Its own two connections: a run's queries never wait behind recordings' writes.
         pool = await asyncpg.create_pool(
@@ -328,7 +294,7 @@ def webhook_app(
         account_sid=account_sid,
         auth_token=auth_token,
         public_url=settings.public_url,
-        keys=Keys(settings.namespace),
+        keys=settings.layout,
         dedupe_ttl_s=settings.dedupe_ttl_s,
         max_body_bytes=settings.max_body_bytes,
         deadline_ms=settings.webhook_deadline_ms,
@@ -376,6 +342,8 @@ async def serve(
                 replica_acks=settings.min_replica_acks,
                 wait_aof=settings.wait_aof,
             )
+            with contextlib.suppress(RedisError):  # unreachable: its answers will say so
+                await partitions.claim(redis, settings.layout)
         # A few connections: the dashboard's reads must not hold up /readyz's probe.
         pool = await asyncpg.create_pool(
             settings.database_url, min_size=0, max_size=4 if settings.ui_enabled else 1
@@ -402,6 +370,7 @@ async def run_all(
         await health.require_redis(
             redis, replica_acks=settings.min_replica_acks, wait_aof=settings.wait_aof
         )
+        await partitions.claim(redis, settings.layout)
     metrics = Metrics()
     async with asyncio.TaskGroup() as group:
         group.create_task(

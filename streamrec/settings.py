@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamrec.events import BUSINESS_ID_RULE, is_business_id
+from streamrec.partitions import Layout
 
 ENV_FILES = (".env", "config/streamrec.env")
 
@@ -133,6 +134,8 @@ class Settings(BaseSettings):
     namespace: str = Field(
         "streamrec", validation_alias="STREAMREC_NAMESPACE", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
     )
+    partitions: int = Field(1, validation_alias="STREAMREC_PARTITIONS", ge=1, le=1024)
+    redis_cluster: bool = Field(False, validation_alias="STREAMREC_REDIS_CLUSTER")
     consumer_name: str = Field(
         "", validation_alias="STREAMREC_CONSUMER_NAME", pattern=r"^[A-Za-z0-9_.:@-]{0,128}$"
     )
@@ -213,6 +216,11 @@ class Settings(BaseSettings):
                 f" STREAMREC_CLAIM_IDLE_MS ({self.claim_idle_ms})"
             )
         return self
+
+    @property
+    def layout(self) -> Layout:
+        """The key layout: the namespace's partitions (``streamrec.partitions``)."""
+        return Layout(self.namespace, self.partitions)
 
     @property
     def lease_ms(self) -> int:

@@ -1,10 +1,17 @@
-"""A read-only summary of the stream, its group, consumers, dead letters and server.
+"""A read-only summary of the streams, their groups, consumers, dead letters and server.
 
 Only reads (XINFO, XPENDING, XLEN, XRANGE of one entry, the consumer registry,
 the outcome counts, the last reconcile run's result, INFO, CONFIG GET), so it
 never disturbs a live system. The consumers' heartbeats come from the registry
 the monitor keeps, in one round trip: no SCAN of a keyspace that holds a dedupe
 marker per recording of the last days.
+
+With several partitions (``streamrec.partitions``) each partition is read on
+its own, all of them at once, never with a command that spans two; the
+document's top-level figures are over every partition (summed; the oldest
+pending entry and the entry waiting longest are the oldest of any), and its
+``partitions`` list has each one's own figures. With one partition that list
+has one element and every other field is what it always was.
 
 Throughput comes from counts in Redis, not from PostgreSQL rows: the
 consumers' heartbeats add their outcomes to per-slot counts (see
@@ -24,11 +31,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from streamrec import semaphore
 from streamrec.aio import wait_set
+from streamrec.connections import each_primary
 from streamrec.keys import Keys
+from streamrec.partitions import Layout, as_layout
 from streamrec.retry import describe
 
 PER_CONSUMER_SCAN = 1000  # pending entries read per consumer to find its oldest idle one
@@ -41,35 +51,146 @@ WINDOWS = {"last_minute": 6, "last_hour": SLOTS_KEPT}
 MIN_VERSION = (7, 0)  # XAUTOCLAIM's reply with its third part (deleted ids)
 
 
+def named(layout: Layout) -> Keys:
+    """Keys whose names stand for every partition's: the partition's own with one, else
+    a glob (``{ns:*}:recordings``) matching each partition's key and no other namespace's."""
+    if not layout.partitioned:
+        return layout.partitions[0]
+    return Keys(layout.namespace, f"{layout.namespace}:*")
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as (ms, sequence), to compare ids of different streams by time."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(slots=True)
+class Part:
+    """One partition's figures, as read for the document."""
+
+    keys: Keys
+    length: int
+    dead_letters: int
+    group: dict[str, Any] | None
+    """XINFO GROUPS's entry for the group (None: no stream or no group yet)."""
+    oldest_pending_id: str | None = None
+    oldest_pending_idle_ms: int | None = None
+    parked: int | None = None
+    """Entries parked in the partition (None: not read, as without ``detail``)."""
+
+    @property
+    def pending(self) -> int:
+        return int(self.group["pending"]) if self.group else 0
+
+    @property
+    def lag(self) -> int | None:
+        lag = self.group.get("lag") if self.group else None
+        return None if lag is None else int(lag)
+
+    @property
+    def last_delivered_id(self) -> str | None:
+        return str(self.group["last-delivered-id"]) if self.group else None
+
+    def public(self) -> dict[str, Any]:
+        """The partition's element of the document's ``partitions`` list."""
+        return {
+            "index": self.keys.partition,
+            "tag": self.keys.tag or self.keys.namespace,
+            "stream": self.keys.stream,
+            "length": self.length,
+            "lag": self.lag,
+            "pending": self.pending,
+            "dead_letters": self.dead_letters,
+            "oldest_pending_id": self.oldest_pending_id,
+            "oldest_pending_idle_ms": self.oldest_pending_idle_ms,
+            "parked": self.parked,
+        }
+
+
+async def read_part(redis: aioredis.Redis, keys: Keys) -> Part:
+    """One partition's length, dead letters, group and oldest pending entry (two round
+    trips at most, every key under the partition's hash tag)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.stream)
+        pipe.xlen(keys.dead)
+        pipe.xinfo_groups(keys.stream)
+        length, dead, groups = await pipe.execute(raise_on_error=False)
+    for answer in (length, dead):
+        if isinstance(answer, Exception):
+            raise answer
+    if isinstance(groups, ResponseError):
+        groups = []  # no stream yet
+    elif isinstance(groups, Exception):
+        raise groups
+    group = next((g for g in groups if g["name"] == keys.group), None)
+    part = Part(keys=keys, length=int(length), dead_letters=int(dead), group=group)
+    if part.pending:
+        oldest = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
+        if oldest:
+            part.oldest_pending_id = str(oldest[0]["message_id"])
+            part.oldest_pending_idle_ms = int(oldest[0]["time_since_delivered"])
+    return part
+
+
+def _lag(parts: list[Part]) -> int | None:
+    """The lag over partitions: None when no partition has the group yet, or when one
+    holding entries cannot say its own (Redis answers no lag after some deletions)."""
+    if all(p.group is None for p in parts):
+        return None
+    if any(p.lag is None and p.length for p in parts):
+        return None
+    return sum(p.lag or 0 for p in parts)
+
+
+def _idlest(part: Part) -> tuple[int, int, int]:
+    """Order of partitions by their oldest pending entry: most idle, then earliest added."""
+    ms, seq = entry_order(str(part.oldest_pending_id))
+    return int(part.oldest_pending_idle_ms or 0), -ms, -seq
+
+
+def _totals(parts: list[Part]) -> dict[str, Any]:
+    """The document's figures over every partition."""
+    delivered = [p.last_delivered_id for p in parts if p.last_delivered_id is not None]
+    pending = [p for p in parts if p.oldest_pending_idle_ms is not None]
+    # The oldest pending entry's id and idle time come from one partition, as with one.
+    oldest = max(pending, key=_idlest, default=None)
+    return {
+        "length": sum(p.length for p in parts),
+        "dead_letters": sum(p.dead_letters for p in parts),
+        "lag": _lag(parts),
+        "pending": sum(p.pending for p in parts),
+        "last_delivered_id": max(delivered, key=entry_order, default=None),
+        "oldest_pending_id": oldest.oldest_pending_id if oldest else None,
+        "oldest_pending_idle_ms": oldest.oldest_pending_idle_ms if oldest else None,
+    }
+
+
 async def collect(
-    redis: aioredis.Redis, keys: Keys, *, detail: bool = True, default_slots: int = 0
+    redis: aioredis.Redis, keys: Keys | Layout, *, detail: bool = True, default_slots: int = 0
 ) -> dict[str, Any]:
     """The status document: stream length, lag, pending, consumers, dead letters, slots,
-    the last reconcile run (None before the first), the entry waiting longest and
-    the group's outcomes in the last minute and hour.
+    the last reconcile run (None before the first), the entry waiting longest, the
+    group's outcomes in the last minute and hour, and each partition's figures.
 
     ``detail=False`` skips the per-consumer, per-business, throughput and
     oldest-waiting parts (what the consumer's own monitor samples every few
     seconds). ``default_slots`` is the limit of a business without an override
-    (0: slots are off). Raises RedisError when Redis does not answer.
+    (0: slots are off). ``keys`` is the layout, or a namespace's Keys for its
+    one partition. Raises RedisError when Redis does not answer.
     """
+    layout = as_layout(keys)
     now_ms = int(time.time() * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.stream)
-        pipe.xlen(keys.dead)
-        pipe.get(keys.reconcile_last)
-        pipe.time()
-        length, dead, reconciled, server_time = await pipe.execute()
+    each = asyncio.gather(*(read_part(redis, part) for part in layout))
+    reconciled, server_time, parts = await asyncio.gather(
+        redis.get(layout.home.reconcile_last), redis.time(), each
+    )
+    names = named(layout)
     report: dict[str, Any] = {
-        "stream": keys.stream,
-        "group": keys.group,
-        "length": length,
-        "dead_letters": dead,
-        "lag": None,
-        "pending": 0,
-        "last_delivered_id": None,
-        "oldest_pending_id": None,
-        "oldest_pending_idle_ms": None,
+        "stream": names.stream,
+        "group": names.group,
+        **_totals(parts),
+        "parked": None,
         "consumers": [],
         "businesses": [],
         "redis": None,
@@ -79,53 +200,86 @@ async def collect(
         "throughput": None,
         "collected_at_ms": now_ms,
     }
-    group = await _group(redis, keys)
-    if group is not None:
-        report["lag"] = group.get("lag")
-        report["pending"] = group["pending"]
-        report["last_delivered_id"] = group["last-delivered-id"]
-        if group["pending"]:
-            oldest = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
-            if oldest:
-                report["oldest_pending_id"] = oldest[0]["message_id"]
-                report["oldest_pending_idle_ms"] = oldest[0]["time_since_delivered"]
     if detail:
-        facts = await server(redis)
-        report["redis"] = asdict(facts)
-        report["warnings"] = facts.warnings
-        report["consumers"] = await _consumers(redis, keys, group is not None, now_ms)
-        report["businesses"] = await semaphore.picture(redis, keys, default_limit=default_slots)
         server_ms = int(server_time[0]) * 1000 + int(server_time[1]) // 1000
-        report["oldest_waiting"] = await _oldest_waiting(redis, keys, report, server_ms)
-        report["throughput"] = await throughput(redis, keys)
+        servers, consumers, businesses_, waiting, flow = await asyncio.gather(
+            _servers(redis),
+            _consumers(redis, layout, parts, now_ms),
+            _businesses(redis, parts, default_slots),
+            _oldest_waiting(redis, parts, server_ms),
+            throughput(redis, layout.home),
+        )
+        report |= {
+            "redis": asdict(servers[0]),
+            "warnings": list(dict.fromkeys(w for facts in servers for w in facts.warnings)),
+            "consumers": consumers,
+            "businesses": businesses_,
+            "parked": sum(p.parked or 0 for p in parts),
+            "oldest_waiting": waiting,
+            "throughput": flow,
+        }
+    report["partitions"] = [p.public() for p in parts]
     return report
 
 
+async def businesses(
+    redis: aioredis.Redis, keys: Keys | Layout, *, default_limit: int
+) -> list[dict[str, Any]]:
+    """Per business: slots in use, limit and parked count (``semaphore.picture`` of each
+    partition, read at once), sorted by name."""
+    parts = [Part(keys=part, length=0, dead_letters=0, group=None) for part in as_layout(keys)]
+    return await _businesses(redis, parts, default_limit)
+
+
+async def _businesses(
+    redis: aioredis.Redis, parts: list[Part], default_limit: int
+) -> list[dict[str, Any]]:
+    """The merged slots picture; sets each part's ``parked``."""
+    pictures = await asyncio.gather(
+        *(semaphore.picture(redis, p.keys, default_limit=default_limit) for p in parts)
+    )
+    for part, picture in zip(parts, pictures, strict=True):
+        part.parked = sum(int(b["parked"]) for b in picture)
+    return sorted((b for picture in pictures for b in picture), key=lambda b: b["business_id"])
+
+
 async def _oldest_waiting(
-    redis: aioredis.Redis, keys: Keys, report: dict[str, Any], now_ms: int
+    redis: aioredis.Redis, parts: list[Part], now_ms: int
 ) -> dict[str, Any] | None:
-    """The entry waiting longest: the oldest pending one, else the oldest not yet delivered.
+    """The entry waiting longest: per partition its oldest pending one, else its oldest
+    not yet delivered; of those, the one added first.
 
     Its age is since it was added (its id is Redis time then); None: nothing waits.
     """
-    entry_id, delivered = report["oldest_pending_id"], True
-    if entry_id is None:
-        after = report["last_delivered_id"]
-        first = await redis.xrange(keys.stream, "-" if after is None else f"({after}", "+", 1)
+    found = await asyncio.gather(*(_waiting_in(redis, p) for p in parts))
+    waiting = [w for w in found if w is not None]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda w: entry_order(w["id"]))
+    added_ms = entry_order(first["id"])[0]
+    return {**first, "age_ms": max(now_ms - added_ms, 0)}
+
+
+async def _waiting_in(redis: aioredis.Redis, part: Part) -> dict[str, Any] | None:
+    """The entry waiting longest in one partition (without its age), or None."""
+    if part.oldest_pending_id is not None:
+        entry_id, delivered = part.oldest_pending_id, True
+    else:
+        after = part.last_delivered_id
+        stream = part.keys.stream
+        first = await redis.xrange(stream, "-" if after is None else f"({after}", "+", 1)
         if not first:
             return None
-        entry_id, delivered = first[0][0], False
-    added_ms = int(str(entry_id).partition("-")[0])
-    return {"id": entry_id, "age_ms": max(now_ms - added_ms, 0), "delivered": delivered}
+        entry_id, delivered = str(first[0][0]), False
+    return {"id": entry_id, "delivered": delivered, "partition": part.keys.partition}
 
 
-async def throughput(redis: aioredis.Redis, keys: Keys) -> dict[str, dict[str, int]]:
+async def throughput(redis: aioredis.Redis, home: Keys) -> dict[str, dict[str, int]]:
     """The group's outcomes (OUTCOMES) per window (WINDOWS), from the counts the
-    consumers' heartbeats add; Redis time says which slots a window holds."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.time()
-        pipe.hgetall(keys.outcomes)
-        (seconds, micros), counts = await pipe.execute()
+    consumers' heartbeats add to ``home`` (the deployment-wide keys); Redis time says
+    which slots a window holds."""
+    # TIME on its own: a Redis Cluster client sends no keyless command in a pipeline.
+    (seconds, micros), counts = await asyncio.gather(redis.time(), redis.hgetall(home.outcomes))
     now_slot = (int(seconds) * 1000 + int(micros) // 1000) // SLOT_MS
     sums = {window: dict.fromkeys(OUTCOMES, 0) for window in WINDOWS}
     for field, count in counts.items():
@@ -138,7 +292,7 @@ async def throughput(redis: aioredis.Redis, keys: Keys) -> dict[str, dict[str, i
     return sums
 
 
-def _last_run(raw: str | None) -> dict[str, Any] | None:
+def _last_run(raw: str | bytes | None) -> dict[str, Any] | None:
     """The last reconcile run's result as the reconciler kept it (None: none, or unreadable)."""
     try:
         return dict(json.loads(raw)) if raw else None
@@ -146,30 +300,16 @@ def _last_run(raw: str | None) -> dict[str, Any] | None:
         return None
 
 
-async def _group(redis: aioredis.Redis, keys: Keys) -> dict[str, Any] | None:
-    try:
-        groups = await redis.xinfo_groups(keys.stream)
-    except ResponseError:
-        return None  # no stream yet
-    return next((g for g in groups if g["name"] == keys.group), None)
-
-
 async def _consumers(
-    redis: aioredis.Redis, keys: Keys, has_group: bool, now_ms: int
+    redis: aioredis.Redis, layout: Layout, parts: list[Part], now_ms: int
 ) -> list[dict[str, Any]]:
-    """Group members merged with live heartbeats, by consumer name."""
+    """Group members of every partition merged with live heartbeats, by consumer name."""
+    members = await asyncio.gather(*(_members(redis, p) for p in parts if p.group is not None))
     found: dict[str, dict[str, Any]] = {}
-    if has_group:
-        for member in await redis.xinfo_consumers(keys.stream, keys.group):
-            found[member["name"]] = {
-                "name": member["name"],
-                "pending": member["pending"],
-                "idle_ms": member["idle"],
-                "oldest_pending_idle_ms": await _oldest_idle(redis, keys, member),
-                "heartbeat": None,
-                "last_seen_ms_ago": member.get("inactive", member["idle"]),
-            }
-    for beat in await heartbeats(redis, keys):
+    for member in (m for of_part in members for m in of_part):
+        entry = found.get(member["name"])
+        found[member["name"]] = member if entry is None else _merged(entry, member)
+    for beat in await heartbeats(redis, layout.home):
         entry = found.setdefault(
             beat["name"],
             {"name": beat["name"], "pending": 0, "idle_ms": None, "oldest_pending_idle_ms": None},
@@ -177,6 +317,45 @@ async def _consumers(
         entry["heartbeat"] = beat
         entry["last_seen_ms_ago"] = max(now_ms - int(beat.get("at_ms", now_ms)), 0)
     return sorted(found.values(), key=lambda c: str(c["name"]))
+
+
+async def _members(redis: aioredis.Redis, part: Part) -> list[dict[str, Any]]:
+    """One partition's group members: what each holds there and when it was last active."""
+    keys = part.keys
+    raw = await redis.xinfo_consumers(keys.stream, keys.group)
+    oldest = await asyncio.gather(*(_oldest_idle(redis, keys, m) for m in raw))
+    return [
+        {
+            "name": m["name"],
+            "pending": m["pending"],
+            "idle_ms": m["idle"],
+            "oldest_pending_idle_ms": idle,
+            "heartbeat": None,
+            "last_seen_ms_ago": m.get("inactive", m["idle"]),
+        }
+        for m, idle in zip(raw, oldest, strict=True)
+    ]
+
+
+def _merged(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """A consumer's figures of two partitions as one: what it holds summed, its oldest
+    pending entry the idlest, its last activity the latest."""
+    idle = [
+        v for v in (one["oldest_pending_idle_ms"], other["oldest_pending_idle_ms"]) if v is not None
+    ]
+    return {
+        **one,
+        "pending": one["pending"] + other["pending"],
+        "idle_ms": _latest(one["idle_ms"], other["idle_ms"]),
+        "oldest_pending_idle_ms": max(idle, default=None),
+        "last_seen_ms_ago": _latest(one["last_seen_ms_ago"], other["last_seen_ms_ago"]),
+    }
+
+
+def _latest(one: int, other: int) -> int:
+    """The shorter of two times since (Redis says -1 for a consumer that never read)."""
+    known = [v for v in (one, other) if v >= 0]
+    return min(known, default=one)
 
 
 async def _oldest_idle(redis: aioredis.Redis, keys: Keys, member: dict[str, Any]) -> int | None:
@@ -188,17 +367,20 @@ async def _oldest_idle(redis: aioredis.Redis, keys: Keys, member: dict[str, Any]
     return max((int(e["time_since_delivered"]) for e in entries), default=None)
 
 
-async def heartbeats(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """The live consumers' heartbeats, read from the consumer registry in one round trip.
+async def heartbeats(redis: aioredis.Redis, home: Keys) -> list[dict[str, Any]]:
+    """The live consumers' heartbeats, read from the consumer registry (``home``, the
+    deployment-wide keys) in one round trip.
 
     A consumer is live until the expiry its last beat set (Redis server time);
     expired members are left out here and pruned by the next beat.
     """
+    # The time is asked first, on its own (a Redis Cluster client sends no keyless
+    # command in a pipeline): a beat renewed meanwhile only lives longer.
+    seconds, micros = await redis.time()
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.time()
-        pipe.zrange(keys.consumers, 0, -1, withscores=True)
-        pipe.hgetall(keys.heartbeats)
-        (seconds, micros), members, raw = await pipe.execute()
+        pipe.zrange(home.consumers, 0, -1, withscores=True)
+        pipe.hgetall(home.heartbeats)
+        members, raw = await pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     beats = []
     for name, expiry in members:
@@ -249,6 +431,13 @@ class Server:
         return found
 
 
+async def _servers(redis: aioredis.Redis) -> list[Server]:
+    """The facts of the server, or on a Redis Cluster of each primary: the document's
+    ``redis`` is the first's, its ``warnings`` every one's."""
+    async with each_primary(redis) as primaries:
+        return list(await asyncio.gather(*(server(primary) for primary in primaries)))
+
+
 async def server(redis: aioredis.Redis) -> Server:
     """Address, version and eviction policy of ``redis``'s server.
 
@@ -260,9 +449,19 @@ async def server(redis: aioredis.Redis) -> Server:
         policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
     except ResponseError:  # CONFIG disabled, renamed or denied by an ACL
         policy = None
+    return Server(address=_address(redis), version=version, maxmemory_policy=policy)
+
+
+def _address(redis: aioredis.Redis) -> str:
+    """host:port (or socket path) of the server ``redis`` asks INFO: of a cluster, the
+    node the client sends keyless commands to."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_default_node()
+        return f"{node.host}:{node.port}"
     kwargs = redis.connection_pool.connection_kwargs
-    address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-    return Server(address=str(address), version=version, maxmemory_policy=policy)
+    return str(
+        kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    )
 
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -271,7 +470,7 @@ CLEAR = "\x1b[H\x1b[2J"
 
 async def watch(
     redis: aioredis.Redis,
-    keys: Keys,
+    keys: Keys | Layout,
     *,
     default_slots: int,
     every_s: float,
@@ -303,14 +502,19 @@ async def watch(
 
 
 def render(report: dict[str, Any]) -> str:
-    """The status document as a few readable lines."""
+    """The status document as a few readable lines; with more than one partition, the
+    figures are over all of them and a table gives each one's."""
+    parts = report.get("partitions") or []
+    several = len(parts) > 1
     lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
     lines += [
-        f"stream {report['stream']}  group {report['group']}",
+        f"stream {report['stream']}{f' ({len(parts)} partitions)' if several else ''}"
+        f"  group {report['group']}",
         f"  length {report['length']}  lag {report['lag']}  pending {report['pending']}"
         f"  oldest pending idle {_age(report['oldest_pending_idle_ms'])}"
         f"  dead letters {report['dead_letters']}",
-        *_flow_lines(report),
+        *(_partition_lines(parts) if several else []),
+        *_flow_lines(report, several),
     ]
     if report["consumers"]:
         lines.append("  consumers:")
@@ -328,14 +532,37 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _flow_lines(report: dict[str, Any]) -> list[str]:
+def _partition_lines(parts: list[dict[str, Any]]) -> list[str]:
+    """One line per partition: its stream and its own figures."""
+    width = max(len(p["stream"]) for p in parts)
+    lines = [
+        f"  {'partition':>9}  {'stream':<{width}}  {'length':>8} {'lag':>8} {'pending':>8}"
+        f"  {'oldest idle':<11} {'dead':>6} {'parked':>6}"
+    ]
+    for p in parts:
+        parked = "-" if p["parked"] is None else p["parked"]
+        lines.append(
+            f"  {p['index']:>9}  {p['stream']:<{width}}  {p['length']:>8} {_shown(p['lag']):>8}"
+            f" {p['pending']:>8}  {_age(p['oldest_pending_idle_ms']):<11}"
+            f" {p['dead_letters']:>6} {parked:>6}"
+        )
+    return lines
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _flow_lines(report: dict[str, Any], several: bool = False) -> list[str]:
     """The entry waiting longest and the outcomes per window (when collected)."""
     lines = []
     if "oldest_waiting" in report:
         waiting = report["oldest_waiting"]
         state = "pending" if waiting and waiting["delivered"] else "not yet delivered"
+        where = f" in partition {waiting.get('partition')}" if waiting and several else ""
         lines.append(
-            f"  oldest waiting {waiting['id']}, added {_age(waiting['age_ms'])} ago ({state})"
+            f"  oldest waiting {waiting['id']}{where}, added {_age(waiting['age_ms'])} ago"
+            f" ({state})"
             if waiting
             else "  oldest waiting: none"
         )

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -40,9 +43,11 @@ from redis.exceptions import ResponseError
 from streamrec import numbers, schema
 from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.service import redis_client
 from streamrec.settings import Settings
-from tests.chaos_report import ChaosReport
+from tests.chaos_report import ChaosReport, order_inversions
+from tests.cluster import LocalCluster
 from tests.edge import Callbacks, Webhook, number_of
 from tests.processes import spawn_consumer
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN, MediaStandIn, OpenAIStandIn, callback_params
@@ -64,6 +69,8 @@ class ChaosConfig:
     postgres_down_s: float = 10.0
     webhook_outage_after_s: float = 12.0
     webhook_outage_s: float = 5.0
+    webhook_outages: int = 1
+    postgres_stops: int = 1
     give_up_s: float = 15.0
     """How long Twilio tries one callback (its ``tt``)."""
     retry_pause_s: float = 0.5
@@ -77,6 +84,13 @@ class ChaosConfig:
     transcribe_delay_s: float = 0.05
     timeout_s: float = 600.0
     seed: int = 7
+    partitions: int = 1
+    cluster: bool = False
+    """Redis is a local cluster of 3 primaries and 3 replicas (``tests.cluster``); the Redis
+    kill then kills the primary serving the most partitions, which its replica replaces,
+    and restarts it (it rejoins as a replica)."""
+    replica_acks: int = 0
+    """STREAMREC_MIN_REPLICA_ACKS: callbacks are answered 2xx once on this many replicas."""
 
 
 class Chaos:
@@ -86,9 +100,14 @@ class Chaos:
         self.config = config
         self.directory = directory
         self.random = random.Random(config.seed)
-        self.keys = Keys("chaos")
+        self.layout = Layout("chaos", config.partitions)
+        self.keys = self.layout.home
         self.report = ChaosReport(slot_limit=config.slot_limit)
-        self.redis_server = LocalRedis(directory / "redis", appendonly=True)
+        self.redis_server: LocalRedis | LocalCluster = (
+            LocalCluster(directory / "cluster")
+            if config.cluster
+            else LocalRedis(directory / "redis", appendonly=True)
+        )
         self.postgres = LocalPostgres(directory / "postgres", durable=True)
         self.media = MediaStandIn()
         self.openai = OpenAIStandIn()
@@ -97,7 +116,12 @@ class Chaos:
         self.callbacks: Callbacks | None = None
         self.settings: Settings | None = None
         self._serial = 0
+        self.failed_over: list[Keys] = []
+        """The partitions whose primary the run killed (a cluster run)."""
+        self.killed_at = 0.0
         self.sids: list[str] = []
+        self.sent_at: dict[str, float] = {}
+        """When each recording's first callback was sent."""
         self.cuts: defaultdict[str, list[float]] = defaultdict(list)
         """Per RecordingSid, when each consumer kill that caught it in work was noted."""
 
@@ -113,7 +137,10 @@ class Chaos:
         database = self.postgres.url("streamrec")
         await schema.migrate(database)
         self.settings = Settings(
-            redis_url=self.redis_server.url,
+            redis_url=self.redis_url,
+            redis_cluster=self.config.cluster,
+            partitions=self.config.partitions,
+            min_replica_acks=self.config.replica_acks,
             database_url=database,
             twilio_account_sid=ACCOUNT_SID,
             twilio_auth_token=AUTH_TOKEN,
@@ -160,6 +187,11 @@ class Chaos:
         await asyncio.to_thread(self.redis_server.stop)
         await asyncio.to_thread(self.postgres.stop)
 
+    @property
+    def redis_url(self) -> str:
+        server = self.redis_server
+        return server.seed_url if isinstance(server, LocalCluster) else server.url
+
     def _spawn(self) -> None:
         assert self.settings is not None
         name = f"c{self._serial}"
@@ -173,7 +205,7 @@ class Chaos:
         await self.webhook.start()
         for _ in range(self.config.consumers):
             self._spawn()
-        redis = redis_client(self.redis_server.url)
+        redis = redis_client(self.redis_url, cluster=self.config.cluster)
         try:
             sender = asyncio.create_task(self._send_all())
             await self._until_at_work(redis, started)
@@ -195,10 +227,13 @@ class Chaos:
         """Wait until every consumer has entries pending, so the violence meets them at work."""
         names = set(self.consumers)
         while time.monotonic() < started + self.config.timeout_s:
-            with contextlib.suppress(ResponseError):  # NOGROUP: no consumer has started yet
-                summary = await redis.xpending(self.keys.stream, self.keys.group)
-                if names <= {c["name"] for c in summary["consumers"] if int(c["pending"])}:
-                    return
+            at_work = set()
+            for part in self.layout:
+                with contextlib.suppress(ResponseError):  # NOGROUP: no consumer started yet
+                    summary = await redis.xpending(part.stream, part.group)
+                    at_work |= {c["name"] for c in summary["consumers"] if int(c["pending"])}
+            if names <= at_work:
+                return
             await asyncio.sleep(0.05)
         raise RuntimeError("the consumers never got to work")
 
@@ -217,6 +252,7 @@ class Chaos:
         connector = aiohttp.TCPConnector(limit=256)
         async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as tg:
             for sid in sends:
+                self.sent_at.setdefault(sid, time.monotonic())
                 tg.create_task(self.callbacks.send(session, params[sid], business[sid]))
                 self.report.sent += 1
                 if self.config.send_rate:
@@ -232,10 +268,17 @@ class Chaos:
             now = time.monotonic()
             if not redis_done and now - begun >= config.redis_kill_after_s:
                 redis_done = True
-                await asyncio.to_thread(self.redis_server.kill)
-                await asyncio.to_thread(self.redis_server.start)
+                if isinstance(self.redis_server, LocalCluster):
+                    await self._fail_over(self.redis_server)
+                else:
+                    await asyncio.to_thread(self.redis_server.kill)
+                    await asyncio.to_thread(self.redis_server.start)
                 self.report.redis_kills += 1
-            if not postgres_done and now - begun >= config.postgres_stop_after_s:
+            if (
+                not postgres_done
+                and config.postgres_stops
+                and now - begun >= config.postgres_stop_after_s
+            ):
                 postgres_done = True
                 await asyncio.to_thread(self.postgres.stop)
                 self.report.postgres_stops += 1
@@ -247,9 +290,22 @@ class Chaos:
             self._restart_exited()
             await asyncio.sleep(0.05)
 
+    async def _fail_over(self, cluster: LocalCluster) -> None:
+        """SIGKILL the primary serving the most partitions; its replica takes over. Once it
+        has, start the killed node again: it rejoins as the new primary's replica."""
+        served = Counter(cluster.primary_for(part.stream).port for part in self.layout)
+        victim = next(n for n in cluster.primaries() if n.port == served.most_common(1)[0][0])
+        self.failed_over = [p for p in self.layout if cluster.primary_for(p.stream) is victim]
+        self.killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill, victim)
+        await asyncio.to_thread(cluster.wait_promoted, victim)
+        await asyncio.to_thread(cluster.restart, victim)
+
     async def _webhook_outage(self) -> None:
         """Stop serve for a while, once: the callbacks that meet the outage are lost at the edge."""
         assert self.webhook is not None
+        if not self.config.webhook_outages:
+            return
         await asyncio.sleep(self.config.webhook_outage_after_s)  # the violence's schedule
         await self.webhook.stop()
         self.report.webhook_outages += 1
@@ -283,12 +339,12 @@ class Chaos:
         consumer can take its entries, or their slots, before two thirds of the
         claim idle time and lease have passed.
         """
-        stream, group = self.keys.stream, self.keys.group
-        pending = await redis.xpending_range(stream, group, "-", "+", 10_000, victim)
-        async with redis.pipeline(transaction=False) as pipe:
+        found: list[Any] = []
+        for part in self.layout:
+            stream, group = part.stream, part.group
+            pending = await redis.xpending_range(stream, group, "-", "+", 10_000, victim)
             for entry in pending:
-                pipe.xrange(stream, entry["message_id"], entry["message_id"])
-            found = await pipe.execute()
+                found.append(await redis.xrange(stream, entry["message_id"], entry["message_id"]))
         cut = time.monotonic()
         for entries in found:
             for _, fields in entries:
@@ -299,9 +355,13 @@ class Chaos:
         deadline = killed + 120
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                pending = await redis.xpending_range(
-                    self.keys.stream, self.keys.group, "-", "+", 1, consumername=victim
-                )
+                pending = [
+                    entry
+                    for part in self.layout
+                    for entry in await redis.xpending_range(
+                        part.stream, part.group, "-", "+", 1, consumername=victim
+                    )
+                ]
                 if not pending:
                     elapsed = time.monotonic() - killed
                     self.report.reclaim_times.append(elapsed)
@@ -314,10 +374,9 @@ class Chaos:
         deadline = started + self.config.timeout_s
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                if (
-                    await self._completed() == self.report.unique
-                    and await redis.xlen(self.keys.stream) == 0
-                    and not await redis.exists(self.keys.parked_set)
+                if await self._completed() == self.report.unique and not any(
+                    [await redis.xlen(part.stream) for part in self.layout]
+                    + [await redis.exists(part.parked_set) for part in self.layout]
                 ):
                     return
             await asyncio.sleep(0.2)
@@ -357,11 +416,60 @@ class Chaos:
         report.queued_not_once = sum(
             1 for sid in self.sids if queued[sid] + (sid in reconciled) > 1
         )
-        report.dead_letters = int(await redis.xlen(self.keys.dead))
-        report.pending = int((await redis.xpending(self.keys.stream, self.keys.group))["pending"])
+        for part in self.layout:
+            report.dead_letters += int(await redis.xlen(part.dead))
+            report.pending += int((await redis.xpending(part.stream, part.group))["pending"])
         for n in range(self.config.businesses):
-            report.parked += int(await redis.llen(self.keys.parked(f"b{n}")))
+            report.parked += int(await redis.llen(self.layout.of(f"b{n}").parked(f"b{n}")))
+        report.work_stopped = self._stopped_cuts()
         report.count_work(self.sids, self.media, self.openai, self.cuts)
+        report.order_inversions = order_inversions(
+            await self._entry_ids(), self.media.business_of, self.media.spans, self.cuts
+        )
+        if self.failed_over:
+            report.failover_recovery_s = self._recovery_s()
+
+    def _stopped_cuts(self) -> int:
+        """Note the recordings whose work a live consumer gave up, dated when its log says
+        so: ``work_stopped`` (its claim or slot lease could not be renewed in time, as
+        through a failover) and ``entry_left_pending`` (Redis failed it between
+        attempts); returns how many. The next owner repeats at most the stage it was in."""
+        offset = time.time() - time.monotonic()
+        stopped = 0
+        for log in self.directory.glob("c*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if '"work_stopped"' not in line and '"entry_left_pending"' not in line:
+                    continue
+                with contextlib.suppress(ValueError, KeyError):
+                    event = json.loads(line)
+                    at = datetime.fromisoformat(event["timestamp"]).timestamp() - offset
+                    self.cuts[event["recording_sid"]].append(at)
+                    stopped += 1
+        return stopped
+
+    def _recovery_s(self) -> float:
+        """From the primary's kill to the first download of a recording sent after it whose
+        business's partition the killed primary served (webhook, Redis and consumer all
+        working again there)."""
+        moved = {part.partition for part in self.failed_over}
+        firsts = [
+            min(begun for begun, _ in spans)
+            for sid, spans in self.media.spans.items()
+            if spans
+            and self.sent_at.get(sid, 0.0) > self.killed_at
+            and self.layout.of(self.media.business_of[sid]).partition in moved
+        ]
+        return min(firsts, default=float("nan")) - self.killed_at
+
+    async def _entry_ids(self) -> dict[str, str]:
+        """Each row's stream entry id: the order its business's partition gave it."""
+        assert self.settings is not None
+        conn = await asyncpg.connect(self.settings.database_url)
+        try:
+            rows = await conn.fetch("SELECT recording_sid, entry_id FROM recordings")
+        finally:
+            await conn.close()
+        return {r["recording_sid"]: r["entry_id"] for r in rows if r["entry_id"]}
 
 
 @contextlib.contextmanager

@@ -37,7 +37,12 @@ class ChaosReport:
     extra_downloads: int = 0
     extra_transcriptions: int = 0
     interrupted: int = 0
-    """Recordings a consumer kill caught in work (pending on the killed consumer)."""
+    """Recordings a consumer kill caught in work (pending on the killed consumer), or whose
+    work a consumer gave up (``work_stopped``)."""
+    work_stopped: int = 0
+    """Work a live consumer gave up because it could not renew its claim or slot lease in
+    time, or Redis failed it between attempts (Redis down, a failover): it stops before
+    its next side effect, and the next owner repeats at most the stage it was in."""
     extra_downloads_unexplained: int = 0
     """Recordings downloaded more than once plus once per kill that interrupted them."""
     extra_transcriptions_unexplained: int = 0
@@ -55,6 +60,13 @@ class ChaosReport:
     """Most recordings of one business in work at once (first media request to last answer)."""
     slot_limit: int = 0
     seconds: float = 0.0
+    order_inversions: int = 0
+    """Pairs of recordings of one business (neither cut by a kill) whose first downloads
+    began in the other order than their stream entries: consumers admitting batches at
+    the same moment may swap neighbours; the slots never let more than the limit run."""
+    failover_recovery_s: float = 0.0
+    """A cluster run: from killing a primary to the first download of a recording sent
+    after it on a partition that primary served."""
     reclaim_times: list[float] = field(default_factory=list)
 
     @property
@@ -96,6 +108,27 @@ class ChaosReport:
         self.extra_transcriptions_unexplained = unexplained(transcriptions, cuts, sids)
         spans = {sid: media.spans.get(sid, []) + openai.spans.get(sid, []) for sid in sids}
         self.slot_peak = slot_peak(media.business_of, spans, cuts)
+
+
+def order_inversions(
+    entry_ids: Mapping[str, str],
+    business_of: Mapping[str, str],
+    spans: Mapping[str, list[Span]],
+    cuts: Mapping[str, list[float]],
+) -> int:
+    """Pairs of one business's recordings (not cut by a kill) that began out of stream order."""
+    firsts: defaultdict[str, list[tuple[tuple[int, int], float]]] = defaultdict(list)
+    for sid, entry_id in entry_ids.items():
+        if sid in cuts or not spans.get(sid) or sid not in business_of:
+            continue
+        millis, _, seq = entry_id.partition("-")
+        begun = min(start for start, _ in spans[sid])
+        firsts[business_of[sid]].append(((int(millis), int(seq or 0)), begun))
+    swapped = 0
+    for recordings in firsts.values():
+        starts = [begun for _, begun in sorted(recordings)]
+        swapped += sum(1 for i, a in enumerate(starts) for b in starts[i + 1 :] if b < a)
+    return swapped
 
 
 def unexplained(

@@ -27,6 +27,7 @@ from streamrec import schema
 from streamrec.devservers import LocalPostgres, LocalRedis
 from streamrec.keys import Keys
 from streamrec.settings import Settings
+from tests.cluster import fresh_cluster, redis_cluster  # noqa: F401 - fixtures
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN, MediaStandIn, OpenAIStandIn
 
 TEMPLATE_DB = "streamrec_template"
@@ -126,11 +127,13 @@ def keys() -> Keys:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def redis(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.Redis]:
-    """A client of the session's Redis; this test's keys are deleted afterwards."""
+    """A client of the session's Redis; this test's keys (its partitions' too) are deleted
+    afterwards."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
-    async for key in client.scan_iter(match=f"{{{keys.namespace}}}:*", count=1000):
-        await client.delete(key)
+    for pattern in (f"{{{keys.namespace}}}:*", f"{{{keys.namespace}:*"):
+        async for key in client.scan_iter(match=pattern, count=1000):
+            await client.delete(key)
     await client.aclose()
 
 

@@ -26,11 +26,13 @@ from streamrec.__main__ import main
 from streamrec.devservers import LocalRedis, free_port
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.settings import Settings
 from tests.conftest import entries, wait_for
 from tests.processes import environment
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN, MediaStandIn, call_sid, recording_sid
 from tests.test_events import BAD_BUSINESS_IDS
+from tests.test_status import PARTS, partitioned
 
 DEADLINE_S = 60.0
 
@@ -320,6 +322,49 @@ async def test_commands_refuse_a_bad_business_id(
     assert await db.fetchval("SELECT count(*) FROM numbers") == 0
 
 
+async def test_a_slot_limit_lands_in_its_business_partition(
+    env: dict[str, str], tmp_path: Path, settings: Settings, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """With four partitions, ``slots set`` writes the limit beside the business's slots (its
+    partition's hash of limits, no other), ``slots list`` shows it, ``slots unset`` clears it."""
+    env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+    async with partitioned(redis, keys) as layout:
+        # Two businesses of different partitions, so that a misplaced limit would show.
+        first = layout.of("42").partition
+        other = next(f"b{n}" for n in range(100) if layout.of(f"b{n}").partition != first)
+        for business, limit in (("42", "5"), (other, "2")):
+            done = await streamrec("slots", "set", business, limit, env=env, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+        limits = [await redis.hgetall(part.slot_limits) for part in layout]
+        assert limits[first] == {"42": "5"}
+        assert limits[layout.of(other).partition] == {other: "2"}
+        assert sum(len(found) for found in limits) == 2
+        listed = await streamrec("slots", "list", env=env, cwd=tmp_path)
+        rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+        assert sorted(rows) == sorted([["42", "0/5", "parked", "0"], [other, "0/2", "parked", "0"]])
+        unset = await streamrec("slots", "unset", "42", env=env, cwd=tmp_path)
+        assert unset.returncode == 0, unset.stderr
+        assert await redis.hgetall(layout.partitions[first].slot_limits) == {}
+        assert await redis.get(layout.home.partitions) is None  # checked, never recorded
+
+
+async def test_operations_commands_refuse_another_partition_count(
+    env: dict[str, str], tmp_path: Path, settings: Settings, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """With 4 partitions recorded, ``dlq`` and ``slots`` configured for 2 exit 2 saying
+    both counts, and change nothing."""
+    await redis.set(keys.partitions, PARTS)
+    env = environment(settings, STREAMREC_PARTITIONS="2")
+    for args in (["dlq", "list"], ["dlq", "purge", "--yes"], ["slots", "set", "42", "3"]):
+        finished = await streamrec(*args, env=env, cwd=tmp_path)
+        assert finished.returncode == 2, (args, finished.stdout)
+        assert f"STREAMREC_PARTITIONS is 2, but namespace {keys.namespace!r} has 4" in (
+            finished.stderr
+        )
+    assert await redis.get(keys.partitions) == str(PARTS)
+    assert [await redis.hgetall(part.slot_limits) for part in Layout(keys.namespace, 2)] == [{}, {}]
+
+
 def audio_outside(root: Path, media_dir: Path) -> list[Path]:
     """The audio files under ``root`` that are not under ``media_dir``."""
     return [path for path in root.rglob("*.mp3") if media_dir not in path.parents]
@@ -344,13 +389,14 @@ async def test_a_dot_dot_business_writes_nothing_outside_the_media_dir(
 
 COMMANDS = (
     "serve", "consume", "run", "dev", "migrate", "status", "check", "simulate", "dlq", "slots",
-    "reconcile", "numbers", "businesses",
+    "reconcile", "numbers", "businesses", "partitions",
 )  # fmt: skip
 ACTIONS = {
     "dlq": ("list", "replay", "purge"),
     "slots": ("list", "set", "unset"),
     "numbers": ("add", "list", "remove"),
     "businesses": ("set", "unset", "delete", "show", "list"),
+    "partitions": ("show", "set"),
 }
 
 

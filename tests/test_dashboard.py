@@ -1,4 +1,5 @@
-"""The dashboard without a browser: its locks, its audio route and its JSON document."""
+"""The dashboard without a browser: its locks, its audio route and its JSON document,
+with one partition and with four."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -26,12 +28,13 @@ from streamrec.dashboard import auth
 from streamrec.devservers import free_port
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.producer import WEBHOOK_PATH
 from streamrec.settings import Settings
 from streamrec.tally import Tally
 from tests.conftest import entries, wait_for
 from tests.standins import ACCOUNT_SID, AUDIO, call_sid, callback_params, recording_sid, sign
-from tests.test_status import monitor_of
+from tests.test_status import PARTS, build_partitions, dead_fields, monitor_of, partitioned
 
 Client = TestClient[web.Request, web.Application]
 
@@ -675,3 +678,100 @@ def test_settings_treat_the_dashboard_token_as_a_secret(settings: Settings) -> N
     assert not with_token(settings, "").ui_enabled
     assert not with_token(settings, None).ui_enabled
     assert Path(auth.__file__).with_name("templates").is_dir()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def layout(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[Layout]:
+    """Four partitions of this test's namespace."""
+    async with partitioned(redis, keys) as made:
+        yield made
+
+
+async def test_the_overview_breaks_the_figures_down_by_partition(
+    settings: Settings, redis: aioredis.Redis, db: Any, layout: Layout
+) -> None:
+    """With four partitions the document's figures are their sums, its ``partitions`` list
+    has each one's, and the overview has a table of them; with one it has none."""
+    await build_partitions(redis, layout)
+    four = with_token(settings, partitions=PARTS)
+    async with webhook(four, redis, db) as (client, _):
+        mine = cookie(await log_in(client))
+        doc = await (await client.get("/ui/api/status", headers=mine)).json()
+        page = await (await client.get("/ui/", headers=mine)).text()
+    assert (doc["length"], doc["pending"], doc["lag"], doc["dead_letters"]) == (9, 5, 4, 3)
+    parts = doc["partitions"]
+    assert [(p["index"], p["length"], p["pending"]) for p in parts] == [
+        (0, 3, 2), (1, 0, 0), (2, 2, 0), (3, 4, 3),
+    ]  # fmt: skip
+    assert 'id="partitions"' in page
+    for part in layout:
+        assert f'<tr data-partition="{part.partition}">' in page
+        assert part.stream in page
+
+    async with webhook(with_token(settings), redis, db) as (client, _):
+        mine = cookie(await log_in(client))
+        one = await (await client.get("/ui/api/status", headers=mine)).json()
+        page = await (await client.get("/ui/", headers=mine)).text()
+    assert [p["index"] for p in one["partitions"]] == [0]
+    assert 'id="partitions"' not in page
+
+
+async def test_dead_letters_of_partitions_are_named_replayed_and_purged(
+    settings: Settings, redis: aioredis.Redis, db: Any, layout: Layout
+) -> None:
+    """With four partitions the dead-letter page names each letter ``<partition>/<id>``
+    (the same id in two partitions twice), opens it by that name, replays it onto its own
+    partition's stream and purges only the one named."""
+    for index in (1, 3):
+        await redis.xadd(layout.partitions[index].dead, dead_fields(index), id="5-0")  # type: ignore[arg-type]
+    async with webhook(with_token(settings, partitions=PARTS), redis, db) as (client, _):
+        session = await log_in(client)
+        listing = await (await client.get("/ui/dead", headers=cookie(session))).text()
+        for name in ("1/5-0", "3/5-0"):
+            assert f'<tr data-dead="{name}">' in listing
+            assert f'value="{name}"' in listing
+            assert f'href="/ui/dead/{name}"' in listing
+        one = await client.get("/ui/dead/3/5-0", headers=cookie(session))
+        assert one.status == 200
+        assert f"RE{3:032x}" in await one.text()
+        assert (await client.get("/ui/dead/2/5-0", headers=cookie(session))).status == 404
+        assert (await client.get("/ui/dead/5-0", headers=cookie(session))).status == 404
+        token = await csrf_of_page(client, session)
+
+        async def post(path: str, form: dict[str, str]) -> aiohttp.ClientResponse:
+            return await client.post(
+                path, data={**form, "csrf": token}, headers=cookie(session), allow_redirects=False
+            )
+
+        ambiguous = await post("/ui/dead/replay", {"id": "5-0"})
+        assert ambiguous.status == 400
+        assert "1/5-0 or 3/5-0" in await ambiguous.text()
+        replayed = await post("/ui/dead/replay", {"id": "3/5-0"})
+        assert replayed.headers["Location"] == "/ui/dead?replayed=1&missing=0"
+        [(_, fields)] = await entries(redis, layout.partitions[3].stream)
+        assert fields["recording_sid"] == f"RE{3:032x}"
+        assert await redis.xlen(layout.partitions[1].stream) == 0
+        purged = await post("/ui/dead/purge", {"id": "5-0", "confirm": "yes"})
+        assert purged.headers["Location"] == "/ui/dead?purged=1"  # only one holds it now
+    assert [await redis.xlen(part.dead) for part in layout] == [0, 0, 0, 0]
+
+
+async def test_a_business_limit_from_its_form_lands_in_its_partition(
+    settings: Settings, redis: aioredis.Redis, db: Any, layout: Layout
+) -> None:
+    """With four partitions the form's limit is written beside the business's slots."""
+    async with webhook(with_token(settings, partitions=PARTS), redis, db) as (client, _):
+        session = await log_in(client)
+        token = await csrf_of_page(client, session, "/ui/businesses")
+        response = await client.post(
+            "/ui/businesses/42/limit",
+            data={"limit": "4", "csrf": token},
+            headers=cookie(session),
+            allow_redirects=False,
+        )
+        assert response.status == 303
+        page = await (await client.get("/ui/businesses", headers=cookie(session))).text()
+    assert '<tr data-business="42">' in page
+    limits = [await redis.hgetall(part.slot_limits) for part in layout]
+    assert limits[layout.of("42").partition] == {"42": "4"}
+    assert sum(len(found) for found in limits) == 1

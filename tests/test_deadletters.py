@@ -1,24 +1,29 @@
-"""Dead letters: listing, replaying and purging them, through the API and ``streamrec dlq``."""
+"""Dead letters: listing, replaying and purging them, through the API and ``streamrec dlq``,
+with one partition and with four."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 
 from streamrec import deadletters, service
 from streamrec.events import RecordingEvent
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.producer import Enqueuer
 from streamrec.settings import Settings
 from tests.conftest import entries
 from tests.processes import environment, streamrec
 from tests.standins import ACCOUNT_SID, MediaStandIn, call_sid, recording_sid
+from tests.test_status import PARTS, dead_fields, partitioned
 
 
 async def enqueue(redis: aioredis.Redis, keys: Keys, *, business: str = "7") -> str:
@@ -131,7 +136,7 @@ async def test_replay_all_replays_every_dead_letter(
 async def test_replay_all_works_through_batches(redis: aioredis.Redis, keys: Keys) -> None:
     """replay_all with a batch smaller than the dead letters replays them all, in order."""
     await add_dead(redis, keys, 5)
-    assert await deadletters.replay_all(redis, keys, batch=2) == 5
+    assert await deadletters.replay_all(redis, Layout(keys.namespace), batch=2) == 5
     assert await redis.xlen(keys.dead) == 0
     replayed = [fields["recording_sid"] for _, fields in await entries(redis, keys.stream)]
     assert replayed == [f"RE{n:032x}" for n in range(5)]
@@ -328,7 +333,136 @@ async def test_replay_all_leaves_letters_that_arrive_meanwhile(
         return moved
 
     monkeypatch.setattr(deadletters, "replay", replay_then_fail_again)
-    assert await deadletters.replay_all(redis, keys, batch=2) == 3
+    assert await deadletters.replay_all(redis, Layout(keys.namespace), batch=2) == 3
     again = await entries(redis, keys.dead)
     assert [fields["error"] for _, fields in again] == ["again"] * 3
     assert [fields["recording_sid"] for _, fields in again] == [f"RE{n:032x}" for n in range(3)]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def layout(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[Layout]:
+    """Four partitions of this test's namespace."""
+    async with partitioned(redis, keys) as made:
+        yield made
+
+
+async def put_dead(redis: aioredis.Redis, layout: Layout, placed: dict[int, list[str]]) -> None:
+    """Dead letters with the given ids in the given partitions, numbered in the order given,
+    each of a business of its own partition."""
+    n = 0
+    for index, ids in placed.items():
+        business = next(f"b{i}" for i in range(1000) if layout.of(f"b{i}").partition == index)
+        for entry_id in ids:
+            fields = dead_fields(n, business)
+            await redis.xadd(layout.partitions[index].dead, fields, id=entry_id)  # type: ignore[arg-type]
+            n += 1
+
+
+async def test_listing_merges_the_partitions_by_entry_id(
+    redis: aioredis.Redis, layout: Layout
+) -> None:
+    """Dead letters of every partition are listed oldest first by id (the Redis time each
+    was written), each with its partition; ``count`` and ``newest`` apply to the merge."""
+    await put_dead(redis, layout, {0: ["3-0"], 1: ["1-0", "4-0"], 3: ["2-0"]})
+    listed = await deadletters.listing(redis, layout)
+    assert [(d.partition, d.id) for d in listed] == [(1, "1-0"), (3, "2-0"), (0, "3-0"), (1, "4-0")]
+    assert [d.ref for d in await deadletters.listing(redis, layout, count=2)] == ["1/1-0", "3/2-0"]
+    newest = await deadletters.listing(redis, layout, count=3, newest=True)
+    assert [d.ref for d in newest] == ["1/4-0", "0/3-0", "3/2-0"]
+    assert await deadletters.total(redis, layout) == 4
+
+
+async def test_dlq_list_names_each_letter_with_its_partition(
+    redis: aioredis.Redis, layout: Layout, settings: Settings, tmp_path: Path
+) -> None:
+    """``dlq list --json`` gives each letter's ``partition``; the text names each as
+    ``<partition>/<id>``, as replay takes it."""
+    await put_dead(redis, layout, {2: ["1-0"], 3: ["2-0"]})
+    env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+    as_json = await streamrec("dlq", "list", "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    listed = json.loads(as_json.stdout)
+    assert [(d["partition"], d["id"]) for d in listed] == [(2, "1-0"), (3, "2-0")]
+    plain = await streamrec("dlq", "list", env=env, cwd=tmp_path)
+    firsts = [line.split()[0] for line in plain.stdout.splitlines() if not line.startswith(" ")]
+    assert firsts == ["2/1-0", "3/2-0"]
+
+
+async def test_replay_puts_each_letter_back_on_its_own_partitions_stream(
+    redis: aioredis.Redis, layout: Layout, settings: Settings, tmp_path: Path
+) -> None:
+    """``dlq replay 3/2-0 4-0`` replays the first where it says and finds the bare id in
+    the one partition holding it; each lands on its own partition's stream."""
+    await put_dead(redis, layout, {1: ["4-0"], 3: ["2-0", "4-1"]})
+    env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+    finished = await streamrec("dlq", "replay", "3/2-0", "4-0", env=env, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    on = {i: await entries(redis, layout.partitions[i].stream) for i in range(PARTS)}
+    assert [len(on[i]) for i in range(PARTS)] == [0, 1, 0, 1]
+    [(new_3, fields_3)] = on[3]
+    [(new_1, fields_1)] = on[1]
+    assert finished.stdout.splitlines() == [f"3/2-0 -> 3/{new_3}", f"4-0 -> 1/{new_1}"]
+    assert layout.of(fields_3["business_id"]).partition == 3
+    assert layout.of(fields_1["business_id"]).partition == 1
+    assert [i for i, _ in await entries(redis, layout.partitions[3].dead)] == ["4-1"]
+    assert await redis.xlen(layout.partitions[1].dead) == 0
+
+
+async def test_a_bare_id_in_two_partitions_is_refused(
+    redis: aioredis.Redis, layout: Layout, settings: Settings, tmp_path: Path
+) -> None:
+    """A bare id two partitions hold is refused by replay and purge (exit 2, its qualified
+    forms named, nothing moved or deleted); a qualified one then does what it says."""
+    await put_dead(redis, layout, {0: ["5-0"], 2: ["5-0", "6-0"]})
+    env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+    for args in (("dlq", "replay", "6-0", "5-0"), ("dlq", "purge", "--yes", "5-0")):
+        refused = await streamrec(*args, env=env, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stdout
+        assert "5-0: 0/5-0 or 2/5-0" in refused.stderr
+        assert await deadletters.total(redis, layout) == 3
+        assert await redis.xlen(layout.partitions[2].stream) == 0
+
+    finished = await streamrec("dlq", "replay", "2/5-0", env=env, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    [(new_id, _)] = await entries(redis, layout.partitions[2].stream)
+    assert finished.stdout.strip() == f"2/5-0 -> 2/{new_id}"
+    assert [i for i, _ in await entries(redis, layout.partitions[0].dead)] == ["5-0"]
+
+
+async def test_unknown_and_malformed_names_are_no_such_dead_letter(
+    redis: aioredis.Redis, layout: Layout
+) -> None:
+    """A partition past the last, an id no partition holds, a malformed name: each is
+    unknown, and the known one among them is still replayed."""
+    await put_dead(redis, layout, {1: ["1-0"]})
+    asked = ["9/1-0", "2-0", "1/x", "1", "1-0"]
+    moved = await deadletters.replay_refs(redis, layout, asked)
+    assert [moved[ref] is None for ref in asked] == [True, True, True, True, False]
+    [(new_id, _)] = await entries(redis, layout.partitions[1].stream)
+    assert moved["1-0"] == (1, new_id)
+
+
+async def test_replay_all_and_purge_go_over_every_partition(
+    redis: aioredis.Redis, layout: Layout, settings: Settings, tmp_path: Path
+) -> None:
+    """``dlq replay --all`` puts every partition's letters back on their own streams;
+    ``dlq purge --yes`` then deletes every partition's new ones."""
+    placed = {0: ["1-0", "2-0"], 2: ["1-0"], 3: ["3-0"]}
+    await put_dead(redis, layout, placed)
+    env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+    replayed = await streamrec("dlq", "replay", "--all", env=env, cwd=tmp_path)
+    assert (replayed.returncode, replayed.stdout.strip()) == (0, "replayed 4")
+    lengths = [await redis.xlen(keys.stream) for keys in layout]
+    assert lengths == [len(placed.get(i, [])) for i in range(PARTS)]
+    assert await deadletters.total(redis, layout) == 0
+
+    later = {0: ["11-0", "12-0"], 2: ["11-0"], 3: ["13-0"]}  # ids past the replayed ones
+    await put_dead(redis, layout, later)
+    purged = await streamrec("dlq", "purge", "--yes", env=env, cwd=tmp_path)
+    assert (purged.returncode, purged.stdout.strip()) == (0, "deleted 4")
+    assert await deadletters.total(redis, layout) == 0
+    await put_dead(redis, layout, later)
+    some = await streamrec("dlq", "purge", "--yes", "0/12-0", "13-0", env=env, cwd=tmp_path)
+    assert (some.returncode, some.stdout.strip()) == (0, "deleted 2")
+    remaining = await deadletters.listing(redis, layout)
+    assert [d.ref for d in remaining] == ["0/11-0", "2/11-0"]

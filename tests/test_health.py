@@ -28,11 +28,13 @@ from streamrec.devservers import LocalRedis, free_port
 from streamrec.keys import Keys
 from streamrec.metrics import Metrics
 from streamrec.monitor import Monitor
+from streamrec.partitions import Layout
 from streamrec.producer import ReadinessCheck, WebhookConfig, create_app
 from streamrec.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import environment, streamrec
 from tests.standins import ACCOUNT_SID, AUTH_TOKEN
+from tests.test_status import PARTS, partitioned
 
 Client = TestClient[web.Request, web.Application]
 
@@ -145,11 +147,11 @@ async def nothing(delivery: Delivery) -> None:
     """A handler for consumers that are never run."""
 
 
-def monitor_of(redis: aioredis.Redis, keys: Keys, name: str, interval_s: float) -> Monitor:
+def monitor_of(redis: aioredis.Redis, keys: Keys | Layout, name: str, interval_s: float) -> Monitor:
     """A Monitor beside a (never run) Consumer ``name``: beats live 3 intervals, >= 1 s."""
     consumer = Consumer(redis=redis, keys=keys, handler=nothing, config=ConsumerConfig(name=name))
     return Monitor(
-        redis=redis, keys=keys, consumer=consumer, metrics=Metrics(), interval_s=interval_s
+        redis=redis, layout=keys, consumer=consumer, metrics=Metrics(), interval_s=interval_s
     )
 
 
@@ -202,6 +204,28 @@ async def test_a_stopped_monitor_removes_its_heartbeat(redis: aioredis.Redis, ke
         await asyncio.wait_for(task, 10)
     assert await redis.zscore(keys.consumers, "c1") is None
     assert not await redis.hexists(keys.heartbeats, "c1")
+
+
+async def test_check_reads_the_one_registry_whatever_the_partitions(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, tmp_path: Path
+) -> None:
+    """A consumer of four partitions beats into the namespace's own registry, where
+    ``check`` finds it; configured for another count than Redis records, ``check`` is 1
+    and says so."""
+    async with partitioned(redis, keys) as layout:
+        await monitor_of(redis, layout, "c1", interval_s=20.0).tick()
+        assert await redis.hexists(keys.heartbeats, "c1")
+        assert await health.check(redis, layout) == (True, "ok: fresh heartbeat from c1")
+        env = environment(settings, STREAMREC_PARTITIONS=str(PARTS))
+        fresh = await streamrec("check", env=env, cwd=tmp_path)
+        assert fresh.returncode == 0, fresh.stderr
+
+        await redis.set(layout.home.partitions, PARTS)
+        other = await streamrec("check", env=environment(settings), cwd=tmp_path)
+        assert other.returncode == 1
+        assert f"STREAMREC_PARTITIONS is 1, but namespace {keys.namespace!r} has 4" in (
+            other.stderr
+        )
 
 
 async def test_check_exits_1_when_redis_is_unreachable(settings: Settings, tmp_path: Path) -> None:

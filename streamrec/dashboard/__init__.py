@@ -19,7 +19,6 @@ from aiohttp import web
 
 from streamrec.dashboard import auth, views
 from streamrec.dashboard.data import BACKEND_KEY, Backend
-from streamrec.keys import Keys
 from streamrec.settings import Settings
 
 PREFIX = "/ui/"
@@ -57,7 +56,7 @@ def mount(app: web.Application, settings: Settings, redis: aioredis.Redis, pool:
         return False
     backend = Backend(
         redis=redis,
-        keys=Keys(settings.namespace),
+        layout=settings.layout,
         pool=pool,
         media_dir=settings.media_dir,
         default_slots=settings.business_slots,

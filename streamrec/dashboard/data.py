@@ -7,6 +7,10 @@ PostgreSQL. A dependency that does not answer within a second or two is shown
 as down and its parts as null; the rest of the document is still served (the
 moment someone opens the dashboard is often the moment something is down).
 
+With several partitions every Redis part is read per partition, all at once,
+and summed or merged as ``status`` does; the document's ``partitions`` list
+has each one's figures, and dead letters are named ``<partition>/<id>``.
+
 The lookups (recordings, dead letters, the audio file) take ids from the
 request only after they match their formats; the audio file is served only
 from inside the media directory.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +28,10 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from streamrec import deadletters, semaphore, status
+from streamrec import deadletters, status
 from streamrec.events import RECORDING_SID
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.retry import describe
 from streamrec.tally import WEBHOOK_OUTCOMES
 
@@ -38,7 +42,6 @@ READ_S = 5.0
 MINUTES = 60
 SERIES = (*status.OUTCOMES, *WEBHOOK_OUTCOMES)
 """The flow chart's series: the consumers' outcomes, then the webhook's answers."""
-DEAD_ID = re.compile(r"\d{1,20}-\d{1,20}")
 SEARCH_LIMIT = 50
 T = TypeVar("T")
 
@@ -67,7 +70,7 @@ class Backend:
     """Where the dashboard reads from and writes to, and the knobs it shows."""
 
     redis: aioredis.Redis
-    keys: Keys
+    layout: Layout
     pool: Any
     """An asyncpg pool (the webhook's)."""
     media_dir: Path
@@ -124,8 +127,10 @@ async def document(backend: Backend) -> dict[str, Any]:
 
 
 async def _redis_part(backend: Backend) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    report = await status.collect(backend.redis, backend.keys, default_slots=backend.default_slots)
-    return report, await series(backend.redis, backend.keys)
+    report = await status.collect(
+        backend.redis, backend.layout, default_slots=backend.default_slots
+    )
+    return report, await series(backend.redis, backend.layout.home)
 
 
 async def _part(doc: dict[str, Any], name: str, work: Awaitable[T], *, skip: bool) -> T | None:
@@ -143,13 +148,12 @@ async def _part(doc: dict[str, Any], name: str, work: Awaitable[T], *, skip: boo
         return None
 
 
-async def series(redis: aioredis.Redis, keys: Keys) -> dict[str, list[int]]:
+async def series(redis: aioredis.Redis, home: Keys) -> dict[str, list[int]]:
     """Per minute of the last MINUTES (oldest first, the current one last): the unix
-    minutes, then each of SERIES summed over the minute's six slots."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.time()
-        pipe.hgetall(keys.outcomes)
-        (seconds, _), counts = await pipe.execute()
+    minutes, then each of SERIES summed over the minute's six slots (from ``home``'s
+    deployment-wide counts)."""
+    # TIME on its own: a Redis Cluster client sends no keyless command in a pipeline.
+    (seconds, _), counts = await asyncio.gather(redis.time(), redis.hgetall(home.outcomes))
     now = int(seconds) // 60
     first = now - MINUTES + 1
     flow = {name: [0] * MINUTES for name in SERIES}
@@ -203,7 +207,7 @@ async def businesses(backend: Backend) -> tuple[list[dict[str, Any]], list[str]]
     picture = await _part(
         doc,
         "redis",
-        semaphore.picture(backend.redis, backend.keys, default_limit=backend.default_slots),
+        status.businesses(backend.redis, backend.layout, default_limit=backend.default_slots),
         skip=False,
     )
     recent = await _part(doc, "postgres", recent_businesses(backend.pool), skip=False)
@@ -265,24 +269,20 @@ async def audio_file(backend: Backend, sid: str) -> Path | None:
 
 
 async def dead_letters(
-    redis: aioredis.Redis, keys: Keys, *, count: int
+    redis: aioredis.Redis, layout: Layout, *, count: int
 ) -> list[deadletters.DeadLetter]:
-    """The newest ``count`` dead letters, newest first."""
-    raw = await redis.xrevrange(keys.dead, count=count) or []
-    return [
-        deadletters.DeadLetter.parse(str(i), {str(k): str(v) for k, v in (f or {}).items()})
-        for i, f in raw
-    ]
+    """The newest ``count`` dead letters over every partition, newest first."""
+    return await deadletters.listing(redis, layout, count=count, newest=True)
 
 
 async def dead_letter(
-    redis: aioredis.Redis, keys: Keys, entry_id: str
+    redis: aioredis.Redis, layout: Layout, ref: str
 ) -> deadletters.DeadLetter | None:
-    """The dead letter ``entry_id``, or None (no such entry, or not an entry id)."""
-    if not DEAD_ID.fullmatch(entry_id):
+    """The dead letter ``ref`` names (``[<partition>/]<id>``), or None: no such entry, not
+    a dead letter's name, or a bare id more than one partition holds."""
+    if not deadletters.REF.fullmatch(ref):
         return None
-    raw = await redis.xrange(keys.dead, entry_id, entry_id)
-    if not raw:
+    try:
+        return await deadletters.find(redis, layout, ref)
+    except deadletters.Ambiguous:
         return None
-    fields = {str(k): str(v) for k, v in (raw[0][1] or {}).items()}
-    return deadletters.DeadLetter.parse(str(raw[0][0]), fields)

@@ -169,7 +169,10 @@ async def set_limit(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="a limit is a whole number, at least 1 (empty: the default)")
     backend = request.app[BACKEND_KEY]
     slots = Slots(
-        backend.redis, backend.keys, default_limit=backend.default_slots, lease_ms=backend.lease_ms
+        backend.redis,
+        backend.layout.of(business),  # a business's limit lives in its partition
+        default_limit=backend.default_slots,
+        lease_ms=backend.lease_ms,
     )
     await slots.set_limit(business, int(raw) if raw else None)
     log.info("dashboard_limit_set", business_id=business, limit=raw or "default")
@@ -178,41 +181,53 @@ async def set_limit(request: web.Request) -> web.Response:
 
 @routes.get("/dead", name="dead")
 async def dead(request: web.Request) -> web.Response:
-    """The newest dead letters, to replay or purge."""
+    """The newest dead letters over every partition, to replay or purge."""
     backend = request.app[BACKEND_KEY]
-    letters = await data.dead_letters(backend.redis, backend.keys, count=DEAD_SHOWN)
-    total = int(await backend.redis.xlen(backend.keys.dead))
+    letters = await data.dead_letters(backend.redis, backend.layout, count=DEAD_SHOWN)
+    total = await deadletters.total(backend.redis, backend.layout)
     done = {k: int(v) for k, v in request.query.items() if k in ("replayed", "purged", "missing")
             and v.isdigit() and len(v) < 10}  # fmt: skip
-    return page(request, "dead.html", {"letters": letters, "total": total, "done": done})
+    context = {"letters": letters, "total": total, "done": done}
+    return page(request, "dead.html", {**context, "partitioned": backend.layout.partitioned})
 
 
 @routes.get("/dead/{entry_id}", name="dead_letter")
+@routes.get("/dead/{partition:\\d+}/{entry_id}", name="partition_dead_letter")
 async def dead_letter(request: web.Request) -> web.Response:
-    """One dead letter, all its fields, with a Replay button."""
+    """One dead letter, all its fields, with a Replay button (``<partition>/<id>`` names
+    it in any partition; a bare id is looked up in every one)."""
     backend = request.app[BACKEND_KEY]
-    letter = await data.dead_letter(backend.redis, backend.keys, request.match_info["entry_id"])
+    ref = request.match_info["entry_id"]
+    if "partition" in request.match_info:
+        ref = deadletters.qualified(int(request.match_info["partition"]), ref)
+    letter = await data.dead_letter(backend.redis, backend.layout, ref)
     if letter is None:
         raise web.HTTPNotFound(text="no such dead letter (replayed or purged already?)")
-    return page(request, "dead_letter.html", {"letter": letter})
+    context = {"letter": letter, "partitioned": backend.layout.partitioned}
+    return page(request, "dead_letter.html", context)
 
 
 async def _ids(request: web.Request) -> list[str]:
-    """The form's ``id`` fields, each a dead-letter id; 400 if one is not."""
+    """The form's ``id`` fields, each naming a dead letter (``[<partition>/]<id>``);
+    400 if one does not."""
     ids = [str(v) for v in (await request.post()).getall("id", [])]
-    if not all(data.DEAD_ID.fullmatch(i) for i in ids) or len(ids) > 10_000:
+    if not all(deadletters.REF.fullmatch(i) for i in ids) or len(ids) > 10_000:
         raise web.HTTPBadRequest(text="an id is not a dead-letter id")
     return list(dict.fromkeys(ids))
 
 
 @routes.post("/dead/replay", name="replay")
 async def replay(request: web.Request) -> web.Response:
-    """Put the dead letters ``id`` back on the stream; 303 to the list."""
+    """Put the dead letters ``id`` back on their streams; 303 to the list (400, nothing
+    replayed, when a bare id is in more than one partition)."""
     ids = await _ids(request)
     if not ids:
         raise web.HTTPBadRequest(text="no dead letter selected")
     backend = request.app[BACKEND_KEY]
-    moved = await deadletters.replay(backend.redis, backend.keys, ids)
+    try:
+        moved = await deadletters.replay_refs(backend.redis, backend.layout, ids)
+    except deadletters.Ambiguous as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from exc
     replayed = sum(1 for new in moved.values() if new)
     log.info("dashboard_replayed", replayed=replayed, asked=len(ids))
     return _see(f"/ui/dead?replayed={replayed}&missing={len(ids) - replayed}")
@@ -230,7 +245,10 @@ async def purge(request: web.Request) -> web.Response:
         context = {"ids": ids, "everything": everything}
         return page(request, "confirm.html", context, status=400)
     backend = request.app[BACKEND_KEY]
-    purged = await deadletters.purge(backend.redis, backend.keys, None if everything else ids)
+    try:
+        purged = await deadletters.purge(backend.redis, backend.layout, None if everything else ids)
+    except deadletters.Ambiguous as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from exc
     log.info("dashboard_purged", purged=purged, everything=everything)
     return _see(f"/ui/dead?purged={purged}")
 

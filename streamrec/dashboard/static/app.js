@@ -104,6 +104,27 @@
     });
   }
 
+  // Each partition's own figures; the table is there only with more than one partition.
+  function drawPartitions(parts) {
+    const body = document.querySelector("#partitions tbody");
+    if (!body || !parts) return;
+    const rows = parts.map(function (p) {
+      const tr = document.createElement("tr");
+      tr.dataset.partition = String(p.index);
+      cell(tr, String(p.index));
+      cell(tr, p.stream);
+      cell(tr, String(p.length));
+      cell(tr, shown(p.lag));
+      cell(tr, String(p.pending));
+      cell(tr, age(p.oldest_pending_idle_ms));
+      cell(tr, String(p.dead_letters));
+      cell(tr, shown(p.parked));
+      [0, 2, 3, 4, 6, 7].forEach(function (i) { tr.cells[i].className = "num"; });
+      return tr;
+    });
+    body.replaceChildren.apply(body, rows);
+  }
+
   function svgElement(name, attributes) {
     const el = document.createElementNS(SVG, name);
     Object.keys(attributes).forEach(function (key) { el.setAttribute(key, attributes[key]); });
@@ -168,6 +189,7 @@
         }));
     }
     drawConsumers(doc.consumers);
+    drawPartitions(doc.partitions);
     drawFlow(doc.series);
     const updated = document.getElementById("updated");
     if (updated) updated.textContent = new Date().toLocaleTimeString();
