@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench.py                 # everything but the 1,000,000-entry memory run
     .venv/bin/python bench/bench.py --million       # with it
     .venv/bin/python bench/bench.py --only machinery,latency
+    .venv/bin/python bench/bench.py --only cluster  # on a Redis Cluster: bench/cluster.py
 
 Starts its own Redis and PostgreSQL on free ports, so it measures the same
 thing on any machine and touches nothing else. Absolute numbers drift with
@@ -45,6 +46,7 @@ from streamrec.semaphore import Slots
 from streamrec.settings import Settings
 
 HERE = Path(__file__).resolve().parent
+CHOICES = ("machinery", "pipeline", "latency", "io", "memory", "cluster")
 ACCOUNT = "AC" + "b" * 32
 TOKEN = "bench-token"  # noqa: S105 - a local stand-in's credential
 
@@ -351,10 +353,29 @@ async def main() -> None:
     parser.add_argument(
         "--million", action="store_true", help="also the 1,000,000-entry memory run"
     )
-    parser.add_argument("--only", default="machinery,pipeline,latency,io,memory")
+    parser.add_argument(
+        "--only",
+        default="machinery,pipeline,latency,io,memory",
+        help=f"comma-separated, of: {','.join(CHOICES)} (cluster is not in the default)",
+    )
     args = parser.parse_args()
     logs.configure(fmt="json", level="warning")
     only = set(args.only.split(","))
+    if unknown := only - set(CHOICES):
+        parser.error(
+            f"--only: unknown {','.join(sorted(unknown))}; choose from {','.join(CHOICES)}"
+        )
+    if only - {"cluster"}:
+        await local(only, args)
+    if "cluster" in only:
+        # Its own servers (a Redis Cluster); imported here, as it needs the test harness.
+        import cluster  # noqa: PLC0415
+
+        print(await cluster.run(args.entries))
+
+
+async def local(only: set[str], args: argparse.Namespace) -> None:
+    """The figures measured on one local Redis (and PostgreSQL)."""
     async with servers() as b:
         if "machinery" in only:
             await machinery(b, args.entries)

@@ -79,7 +79,7 @@ async def build(redis: aioredis.Redis, keys: Keys, markers: int) -> None:
             redis=redis, keys=keys, handler=nothing, config=ConsumerConfig(name=name)
         )
         monitor = Monitor(
-            redis=redis, keys=keys, consumer=consumer, metrics=Metrics(), interval_s=600
+            redis=redis, layout=keys, consumer=consumer, metrics=Metrics(), interval_s=600
         )
         await monitor.tick()
 

@@ -1,11 +1,15 @@
 """A benchmark consumer process: drains the stream with a no-op handler through the Python API.
 
     python bench/worker.py REDIS_URL NAMESPACE NAME [--slots] [--concurrency 100]
-        [--latency] [--expect N]
+        [--latency] [--expect N] [--partitions N] [--cluster]
 
 Prints one JSON line: entries processed, wall and CPU seconds, peak RSS, and
 (with --latency) each entry's pickup latency from its ``t`` field (enqueue
 time, seconds since the epoch) to the handler's start.
+
+With ``--partitions N`` the consumer serves every partition of
+``Layout(NAMESPACE, N)`` (slots per partition); ``--cluster`` makes REDIS_URL a
+seed node of a Redis Cluster, as ``STREAMREC_REDIS_CLUSTER=true`` does.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from streamrec import logging as logs
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
 from streamrec.keys import Keys
+from streamrec.partitions import Layout
 from streamrec.semaphore import Slots
 from streamrec.service import redis_client
 
@@ -47,13 +52,18 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--expect", type=int, default=0, help="stop after this many entries")
+    parser.add_argument("--partitions", type=int, default=0, help="serve Layout(NAMESPACE, N)")
+    parser.add_argument("--cluster", action="store_true", help="REDIS_URL is a cluster node")
     args = parser.parse_args()
     logs.configure(fmt="json", level="warning")
     # Draining: a short block ends the run soon after the stream is empty. Latency:
     # a long one, as in production, so the consumer sleeps in XREADGROUP.
     block_ms = 2_000 if args.latency else 10
-    redis = redis_client(args.redis_url, block_ms=block_ms)
+    redis = redis_client(args.redis_url, block_ms=block_ms, cluster=args.cluster)
+    # The slots are given on the namespace's keys; with a layout, the consumer
+    # applies them to each partition's.
     keys = Keys(args.namespace)
+    served: Keys | Layout = Layout(args.namespace, args.partitions) if args.partitions else keys
     latencies: list[float] = []
     stop = asyncio.Event()
 
@@ -63,7 +73,7 @@ async def main() -> None:
 
     consumer = Consumer(
         redis=redis,
-        keys=keys,
+        keys=served,
         handler=handler,
         config=ConsumerConfig(name=args.name, concurrency=args.concurrency, block_ms=block_ms),
         slots=Slots(redis, keys, default_limit=args.concurrency) if args.slots else None,
