@@ -45,10 +45,12 @@ from streamrec import logging as logs
 from streamrec.connections import direct, redis_client
 from streamrec.events import RecordingEvent
 from streamrec.group import ensure_group
-from streamrec.keys import Keys
 from streamrec.partitions import Layout, index_of
 from streamrec.producer import Enqueuer
 from tests.cluster import LocalCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import raw_loop  # bench/bench.py, beside this file
 
 HERE = Path(__file__).resolve().parent
 ACCOUNT = "AC" + "b" * 32
@@ -219,21 +221,6 @@ async def fill(redis: aioredis.Redis, layout: Layout, entries: int) -> None:
                 fields = event(n, business).to_fields()
                 pipe.xadd(part.stream, fields)  # type: ignore[arg-type]  # dict is invariant
             await pipe.execute()
-
-
-async def raw_loop(redis: aioredis.Redis, keys: Keys, entries: int) -> None:
-    """The reference: XREADGROUP COUNT 100, then XACK + XDEL pipelined, no handler."""
-    done = 0
-    while done < entries:
-        reply: Any = await redis.xreadgroup(keys.group, "raw", {keys.stream: ">"}, count=100)
-        ids = [i for _, batch in reply or [] for i, _ in batch]
-        if not ids:
-            break
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.xack(keys.stream, keys.group, *ids)
-            pipe.xdel(keys.stream, *ids)
-            await pipe.execute()
-        done += len(ids)
 
 
 async def raw(redis: aioredis.Redis, meter: Meter, entries: int) -> Figure:

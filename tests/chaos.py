@@ -46,7 +46,7 @@ from streamrec.keys import Keys
 from streamrec.partitions import Layout
 from streamrec.service import redis_client
 from streamrec.settings import Settings
-from tests.chaos_report import ChaosReport, order_inversions
+from tests.chaos_report import ChaosReport, most_ahead, order_inversions, starts_in_stream_order
 from tests.cluster import LocalCluster
 from tests.edge import Callbacks, Webhook, number_of
 from tests.processes import spawn_consumer
@@ -423,9 +423,11 @@ class Chaos:
             report.parked += int(await redis.llen(self.layout.of(f"b{n}").parked(f"b{n}")))
         report.work_stopped = self._stopped_cuts()
         report.count_work(self.sids, self.media, self.openai, self.cuts)
-        report.order_inversions = order_inversions(
+        starts = starts_in_stream_order(
             await self._entry_ids(), self.media.business_of, self.media.spans, self.cuts
         )
+        report.order_inversions = order_inversions(starts)
+        report.order_most_ahead = most_ahead(starts)
         if self.failed_over:
             report.failover_recovery_s = self._recovery_s()
 

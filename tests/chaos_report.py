@@ -64,10 +64,16 @@ class ChaosReport:
     """Pairs of recordings of one business (neither cut by a kill) whose first downloads
     began in the other order than their stream entries: consumers admitting batches at
     the same moment may swap neighbours; the slots never let more than the limit run."""
+    order_most_ahead: int = 0
+    """The most places a recording began ahead of its business's stream order (the slot
+    limit lets that many run at once, so up to limit - 1 is concurrency, not reordering)."""
     failover_recovery_s: float = 0.0
     """A cluster run: from killing a primary to the first download of a recording sent
     after it on a partition that primary served."""
     reclaim_times: list[float] = field(default_factory=list)
+    over_limit: list[str] = field(default_factory=list)
+    """When the slot peak passed the limit: the business, and each recording in work at
+    that moment with its spans and cuts, to see whether a slot or the accounting failed."""
 
     @property
     def ok(self) -> bool:
@@ -82,12 +88,12 @@ class ChaosReport:
         )
 
     def render(self) -> str:
-        rows = {k: v for k, v in asdict(self).items() if k != "reclaim_times"}
+        rows = {k: v for k, v in asdict(self).items() if k not in ("reclaim_times", "over_limit")}
         width = max(len(k) for k in rows)
         lines = [f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
                  for k, v in rows.items()]  # fmt: skip
         lines.append(f"  {'verdict':<{width}}  {'OK' if self.ok else 'FAILED'}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"  over the limit: {line}" for line in self.over_limit])
 
     def count_work(
         self,
@@ -108,15 +114,18 @@ class ChaosReport:
         self.extra_transcriptions_unexplained = unexplained(transcriptions, cuts, sids)
         spans = {sid: media.spans.get(sid, []) + openai.spans.get(sid, []) for sid in sids}
         self.slot_peak = slot_peak(media.business_of, spans, cuts)
+        if self.slot_peak > self.slot_limit:
+            self.over_limit = over_limit(media.business_of, spans, cuts, self.slot_limit)
 
 
-def order_inversions(
+def starts_in_stream_order(
     entry_ids: Mapping[str, str],
     business_of: Mapping[str, str],
     spans: Mapping[str, list[Span]],
     cuts: Mapping[str, list[float]],
-) -> int:
-    """Pairs of one business's recordings (not cut by a kill) that began out of stream order."""
+) -> dict[str, list[float]]:
+    """Per business, when each of its recordings (not cut by a kill) first began, in the
+    order of their stream entries."""
     firsts: defaultdict[str, list[tuple[tuple[int, int], float]]] = defaultdict(list)
     for sid, entry_id in entry_ids.items():
         if sid in cuts or not spans.get(sid) or sid not in business_of:
@@ -124,11 +133,23 @@ def order_inversions(
         millis, _, seq = entry_id.partition("-")
         begun = min(start for start, _ in spans[sid])
         firsts[business_of[sid]].append(((int(millis), int(seq or 0)), begun))
-    swapped = 0
-    for recordings in firsts.values():
-        starts = [begun for _, begun in sorted(recordings)]
-        swapped += sum(1 for i, a in enumerate(starts) for b in starts[i + 1 :] if b < a)
-    return swapped
+    return {b: [begun for _, begun in sorted(found)] for b, found in firsts.items()}
+
+
+def order_inversions(starts: Mapping[str, list[float]]) -> int:
+    """Pairs of one business's recordings that began in the other order than their entries."""
+    return sum(
+        1 for begun in starts.values() for i, a in enumerate(begun) for b in begun[i + 1 :] if b < a
+    )
+
+
+def most_ahead(starts: Mapping[str, list[float]]) -> int:
+    """The most places a recording began ahead of its place in its business's stream order."""
+    ahead = 0
+    for begun in starts.values():
+        ranks = {i: rank for rank, i in enumerate(sorted(range(len(begun)), key=begun.__getitem__))}
+        ahead = max([ahead, *(i - rank for i, rank in ranks.items())])
+    return ahead
 
 
 def unexplained(
@@ -148,6 +169,35 @@ def slot_peak(
     for sid, business in business_of.items():
         intervals[business] += work_intervals(spans.get(sid, []), cuts.get(sid, []))
     return max(map(peak, intervals.values()), default=0)
+
+
+def over_limit(
+    business_of: Mapping[str, str],
+    spans: Mapping[str, list[Span]],
+    cuts: Mapping[str, list[float]],
+    limit: int,
+) -> list[str]:
+    """The first moment a business had more than ``limit`` recordings in work, and those
+    recordings with their spans and cuts (monotonic seconds)."""
+    intervals: defaultdict[str, list[tuple[Span, str]]] = defaultdict(list)
+    for sid, business in business_of.items():
+        for interval in work_intervals(spans.get(sid, []), cuts.get(sid, [])):
+            intervals[business].append((interval, sid))
+    for business, found in intervals.items():
+        edges = sorted(
+            [(begun, 1, sid) for (begun, _), sid in found]
+            + [(ended, -1, sid) for (_, ended), sid in found]
+        )
+        open_now: Counter[str] = Counter()
+        for moment, step, sid in edges:
+            open_now[sid] += step
+            if sum(open_now.values()) > limit:
+                return [f"business {business} at {moment:.3f}"] + [
+                    f"{s} spans {spans.get(s)} cuts {cuts.get(s, [])}"
+                    for s, n in open_now.items()
+                    if n > 0
+                ]
+    return []
 
 
 def work_intervals(spans: list[Span], cuts: list[float]) -> list[Span]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos import ChaosConfig, run
-from tests.chaos_report import peak, work_intervals
+from tests.chaos_report import over_limit, peak, work_intervals
 
 
 async def test_nothing_is_lost_when_everything_is_killed_once(
@@ -65,3 +65,15 @@ def test_the_peak_counts_overlapping_work_only() -> None:
     assert peak([(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]) == 1
     assert peak([(0.0, 1.0), (0.5, 1.5), (0.9, 2.0), (1.0, 2.0)]) == 3
     assert peak([]) == 0
+
+
+def test_a_peak_over_the_limit_names_the_recordings_in_work_then() -> None:
+    """Three recordings of one business overlap with a limit of 2: all three are named."""
+    business_of = {"RE1": "b", "RE2": "b", "RE3": "b", "RE4": "c"}
+    spans = {"RE1": [(0.0, 1.0)], "RE2": [(0.5, 1.5)], "RE3": [(0.9, 2.0)], "RE4": [(0.0, 9.0)]}
+    found = over_limit(business_of, spans, {}, 2)
+    assert found[0] == "business b at 0.900"
+    assert sorted(line.split()[0] for line in found[1:]) == ["RE1", "RE2", "RE3"]
+    assert over_limit(business_of, spans, {}, 3) == []
+    # A cut ends RE1's delivery before the others begin: no longer over 2.
+    assert over_limit(business_of, spans, {"RE1": [0.4]}, 2) == []

@@ -121,14 +121,10 @@ async def test_nothing_is_lost_through_a_consumer_kill_and_a_primary_failover(
     assert report.consumer_kills == 1
     assert report.redis_kills == 1
     assert report.consumer_exits == 0, "a consumer had to be restarted after the failover"
-    assert report.lost == 0
-    assert report.queued_not_once == 0
     assert report.dead_letters == 0
-    assert report.extra_downloads_unexplained == 0
-    assert report.extra_transcriptions_unexplained == 0
-    assert report.pending == 0
-    assert report.parked == 0
-    assert report.slot_peak <= report.slot_limit
+    # Lost 0, enqueued once, no stage repeated past what the kills explain, nothing left
+    # pending or parked, no business over its slot limit.
+    assert report.ok, report.render()
     assert math.isfinite(report.failover_recovery_s)
 
 
