@@ -137,9 +137,10 @@ async def machinery(b: Bench, entries: int) -> None:
     b.add(Figure("raw loop, 1 process", entries, time.perf_counter() - wall,
                  time.process_time() - cpu, await commands(b.redis) - before - 1))  # fmt: skip
     runs = [("slots off, 1 process", 1, []), ("slots on, 1 process", 1, ["--slots"]),
-            ("slots on, 2 processes", 2, ["--slots"])]  # fmt: skip
+            ("slots on, 2 processes", 2, ["--slots"]),
+            ("slots on, 1 process, uvloop", 1, ["--slots", "--uvloop"])]  # fmt: skip
     for label, processes, options in runs:
-        keys = Keys(f"bench-{processes}-{len(options)}")
+        keys = Keys(f"bench-{processes}-{'-'.join(options) or 'plain'}")
         await fill(b.redis, keys, entries)
         before = await commands(b.redis)
         results = await run_workers(
@@ -174,10 +175,11 @@ async def io_bound(b: Bench, entries: int) -> None:
     b.add(Figure("50 ms handlers, 100 in flight, slots on", entries, time.perf_counter() - wall))
 
 
-async def latency(b: Bench, count: int, *, slots: bool) -> None:
+async def latency(b: Bench, count: int, *, slots: bool, uvloop: bool = False) -> None:
     """Figure 4: enqueue → handler start, entries paced at 100/s, consumer in its own process."""
-    keys = Keys(f"bench-latency-{slots}")
+    keys = Keys(f"bench-latency-{slots}-{uvloop}")
     options = [*(["--slots"] if slots else []), "--latency", "--expect", str(count)]
+    options += ["--uvloop"] if uvloop else []
     await b.redis.delete(keys.stream)
     await ensure_group(b.redis, keys)
     worker = subprocess.Popen(
@@ -193,7 +195,9 @@ async def latency(b: Bench, count: int, *, slots: bool) -> None:
     samples = sorted(json.loads(out.decode().strip().splitlines()[-1])["latencies"])
     p50, p99 = samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
     name = f"pickup latency at 100/s, slots {'on' if slots else 'off'}"
-    b.add(Figure(name, count, 1.0, extra={"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}))
+    name += ", uvloop" if uvloop else ""
+    extra = {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "max_ms": samples[-1] * 1e3}
+    b.add(Figure(name, count, 1.0, extra=extra))
 
 
 async def memory(b: Bench, sizes: list[int]) -> None:
@@ -325,7 +329,8 @@ def extras(b: Bench) -> list[str]:
     for f in b.figures:
         if f.name.startswith("pickup"):
             lines.append(
-                f"{f.name}: p50 {f.extra['p50_ms']:.2f} ms, p99 {f.extra['p99_ms']:.2f} ms"
+                f"{f.name}: p50 {f.extra['p50_ms']:.2f} ms, p99 {f.extra['p99_ms']:.2f} ms,"
+                f" max {f.extra['max_ms']:.1f} ms"
             )
         if f.name.startswith("memory"):
             lines.append(f"{f.name}: consumer RSS {f.extra['consumer_rss_mib']:.1f} MiB,"
@@ -384,6 +389,7 @@ async def local(only: set[str], args: argparse.Namespace) -> None:
         if "latency" in only:
             await latency(b, 1_000, slots=False)
             await latency(b, 1_000, slots=True)
+            await latency(b, 1_000, slots=True, uvloop=True)
         if "io" in only:
             await io_bound(b, 10_000)
         if "memory" in only:

@@ -251,16 +251,19 @@ class Server:
 
 
 def modes(args: argparse.Namespace) -> tuple[str, ...]:
-    """The servers measured: the bare handler, streamrec, and streamrec after WAIT N."""
-    return ("bare", "streamrec", *([f"wait{args.wait_replicas}"] if args.wait_replicas else []))
+    """The servers measured: the bare handler, streamrec, and streamrec after WAIT N; with
+    --uvloop, the bare handler and streamrec again on uvloop's event loop (``-uv``)."""
+    waits = [f"wait{args.wait_replicas}"] if args.wait_replicas else []
+    return ("bare", "streamrec", *waits, *(("bare-uv", "streamrec-uv") if args.uvloop else ()))
 
 
 def server_args(mode: str) -> list[str]:
     """ingest_server.py's arguments for ``mode`` (``waitN``: streamrec with N replica acks)."""
-    if mode == "bare":
-        return ["--mode", "bare"]
+    loop = ["--uvloop"] if mode.endswith("-uv") else []
+    if mode.startswith("bare"):
+        return ["--mode", "bare", *loop]
     acks = mode.removeprefix("wait") if mode.startswith("wait") else "0"
-    return ["--mode", "streamrec", "--public-url", SIGNED_URL, "--replica-acks", acks]
+    return ["--mode", "streamrec", "--public-url", SIGNED_URL, "--replica-acks", acks, *loop]
 
 
 def start_server(
@@ -370,7 +373,7 @@ def run_wrk(children: Children, command: list[str], seconds: float) -> tuple[dic
 def check_probe(server: Server, callback: tuple[str, str, str]) -> None:
     """One signed callback must be answered 200 before any load is sent."""
     status, body = probe(server, callback)
-    if server.mode != "bare" and (status != 200 or '"queued"' not in body):
+    if not server.mode.startswith("bare") and (status != 200 or '"queued"' not in body):
         hint = " (a 403 means the signing is wrong)" if status == 403 else ""
         raise BenchError(f"{server.mode} answered the probe callback {status}{hint}: {body}")
     if status != 200:
@@ -496,7 +499,7 @@ class Bench:
             server_cpu_s=server_cpu,
             wrk_cpu_s=wrk_cpu,
         )
-        if server.mode != "bare":
+        if not server.mode.startswith("bare"):
             figure.stream_entries = int(client.xlen(self.stream))
             figure.redis_cpu_s = redis_used
         if server.mode.startswith("wait") and self.replica is not None:
@@ -540,7 +543,7 @@ def report(figures: list[Figure], args: argparse.Namespace, wrk: str) -> bool:
         f" warm-up {args.warmup} s each"
     )
     header = (
-        f"{'server':<10} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f"{'server':<12} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
         f" {'server CPU':>10} {'CPU µs/req':>10} {'wrk CPU':>8} {'non-2xx':>8} {'sock err':>8}"
     )
     print(header)
@@ -553,7 +556,7 @@ def report(figures: list[Figure], args: argparse.Namespace, wrk: str) -> bool:
         non_2xx = sum(f.non_2xx for f in runs)
         valid = valid and not errors and not non_2xx
         print(
-            f"{mode:<10} {figure.rate:>9,.0f} {figure.p50_ms:>8.2f} {figure.p90_ms:>8.2f}"
+            f"{mode:<12} {figure.rate:>9,.0f} {figure.p50_ms:>8.2f} {figure.p90_ms:>8.2f}"
             f" {figure.p99_ms:>8.2f} {figure.max_ms:>8.1f}"
             f" {figure.server_cpu_s / figure.seconds:>10.0%} {figure.cpu_us:>10.0f}"
             f" {figure.wrk_cpu_s / figure.seconds:>8.0%}"
@@ -568,13 +571,19 @@ def report(figures: list[Figure], args: argparse.Namespace, wrk: str) -> bool:
         if figure.non_2xx:
             print(f"  {figure.mode}: {figure.non_2xx:,} responses with status >= 400")
     print()
-    for figure in (f for f in figures if f.mode != "bare"):
+    for figure in (f for f in figures if not f.mode.startswith("bare")):
         report_stream(figure, args)
     if args.wait_replicas:
         report_wait(chosen["streamrec"], chosen[f"wait{args.wait_replicas}"], args.wait_replicas)
     ratio = chosen["streamrec"].rate / chosen["bare"].rate
     verdict = "meets" if ratio >= TARGET else "BELOW"
     print(f"streamrec / bare handler: {ratio:.0%}  ({verdict} the {TARGET:.0%} target)")
+    if args.uvloop:
+        on_uv = chosen["streamrec-uv"].rate
+        bare, bare_uv = chosen["bare"].rate, chosen["bare-uv"].rate
+        print(f"streamrec on uvloop / bare handler: {on_uv / bare:.0%} (asyncio's loop),"
+              f" {on_uv / bare_uv:.0%} (uvloop); streamrec, uvloop / asyncio's loop:"
+              f" {on_uv / chosen['streamrec'].rate:.0%}")  # fmt: skip
     return valid
 
 
@@ -646,6 +655,9 @@ def parse_args() -> argparse.Namespace:
         "--warmup", type=int, default=2, help="seconds of load before each (0: none)"
     )
     parser.add_argument("--show-wrk", action="store_true", help="print wrk's own output")
+    parser.add_argument(
+        "--uvloop", action="store_true", help="also both servers on uvloop's event loop"
+    )
     parser.add_argument(
         "--appendfsync",
         choices=["off", "everysec", "always"],

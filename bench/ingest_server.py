@@ -31,6 +31,7 @@ from aiohttp import web
 
 from streamrec.keys import Keys
 from streamrec.logging import configure
+from streamrec.loops import loop_factory
 from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
 from streamrec.service import redis_client
 
@@ -99,12 +100,14 @@ def main() -> None:
     parser.add_argument("--namespace", default="bench-ingest")
     parser.add_argument("--public-url", help="the URL signatures are computed over")
     parser.add_argument("--replica-acks", type=int, default=0, help="WAIT for N replicas")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
     args = parser.parse_args()
     if args.mode == "streamrec" and not {"INGEST_ACCOUNT_SID", "INGEST_AUTH_TOKEN"} <= set(
         os.environ
     ):
         parser.error("streamrec mode needs INGEST_ACCOUNT_SID and INGEST_AUTH_TOKEN set")
-    asyncio.run(serve(args))
+    with asyncio.Runner(loop_factory=loop_factory(args.uvloop)) as runner:
+        runner.run(serve(args))
 
 
 if __name__ == "__main__":

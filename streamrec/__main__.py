@@ -34,6 +34,7 @@ from streamrec import (
 from streamrec import logging as logs
 from streamrec.devservers import ServerError
 from streamrec.events import BUSINESS_ID_RULE, is_business_id
+from streamrec.loops import loop_factory
 from streamrec.metrics import Metrics
 from streamrec.partitions import Layout
 from streamrec.retry import describe
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(
             fmt=settings.log_format, level=settings.log_level, secrets=settings.secrets()
         )
-        return asyncio.run(_dispatch(args, settings))
+        factory = loop_factory(settings.event_loop == "uvloop")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_dispatch(args, settings))
     except Exception as exc:
         error = _first(exc)
         if isinstance(error, ConfigError | partitions.PartitionsChanged):

@@ -215,6 +215,7 @@ class Consumer:
             consumer=self.name,
             concurrency=self._config.concurrency,
             partitions=len(self.lanes),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         renewer = asyncio.create_task(self._renew_forever())
         try:

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     consumer_name: str = Field(
         "", validation_alias="STREAMREC_CONSUMER_NAME", pattern=r"^[A-Za-z0-9_.:@-]{0,128}$"
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", validation_alias="STREAMREC_EVENT_LOOP"
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias="STREAMREC_LOG_FORMAT"
     )
