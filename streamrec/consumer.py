@@ -209,7 +209,6 @@ class Consumer:
         self._stop = stop
         for lane in self.lanes:
             lane.stopping(stop)
-        await asyncio.gather(*(lane.group.ensure() for lane in self.lanes))
         log.info(
             "consumer_started",
             consumer=self.name,
@@ -226,10 +225,15 @@ class Consumer:
             log.info("consumer_stopped", consumer=self.name, processed=self.processed)
 
     async def _serve(self, lane: Lane, until_idle: bool) -> None:
-        """Fill ``lane`` until stopped (or idle), riding out Redis failures."""
+        """Fill ``lane`` until stopped (or idle), riding out Redis failures; its group is
+        made first (a partition whose server fails over as the consumer starts waits)."""
         failures = 0
+        ready = False
         while not self._stop.is_set():
             try:
+                if not ready:
+                    await lane.group.ensure()
+                    ready = True
                 taken = await lane.fill()
                 failures = 0
                 if until_idle and not taken and await lane.idle():

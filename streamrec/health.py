@@ -16,6 +16,7 @@ may be restarting, and a webhook that is up answers 503 until it is back and
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import redis.asyncio as aioredis
@@ -51,27 +52,45 @@ async def require_redis(
     ``WAITAOF 1 0`` (before 7.2, AOF off, command denied); with
     ``replica_acks``, a warning when fewer replicas are online. An unreachable
     server raises RedisError, or with ``unreachable_ok`` (the webhook, which
-    answers 503 until Redis is back) is logged and let pass.
+    answers 503 until Redis is back) is logged and let pass. On a cluster each
+    primary is checked; one that does not answer (a failover under way) is
+    logged and let pass when another answered.
     """
-    refusal, warnings = None, []
     try:
         async with each_primary(redis) as primaries:  # on a cluster, every primary
-            for primary in primaries:
-                server = await status.server(primary)
-                refusal = refusal or server.refusal
-                if wait_aof:
-                    refusal = refusal or await _waitaof_refusal(primary, server)
-                warnings += server.warnings
-                warnings += await _replica_warnings(primary, server, replica_acks)
-    except (ConnectionError, TimeoutError) as exc:
+            checked = await asyncio.gather(
+                *(_check(primary, replica_acks, wait_aof) for primary in primaries),
+                return_exceptions=True,
+            )
+        failed = [c for c in checked if isinstance(c, BaseException)]
+        unreachable = [c for c in failed if isinstance(c, ConnectionError | TimeoutError)]
+        if len(unreachable) < len(failed):
+            raise next(c for c in failed if c not in unreachable)
+        if unreachable and len(unreachable) == len(checked):
+            raise unreachable[0]
+    except (ConnectionError, TimeoutError) as error:
         if not unreachable_ok:
             raise
-        log.warning("redis_not_checked", error=f"{type(exc).__name__}: {exc}")
+        log.warning("redis_not_checked", error=f"{type(error).__name__}: {error}")
         return
+    for lost in unreachable:
+        log.warning("redis_primary_not_checked", error=f"{type(lost).__name__}: {lost}")
+    answers = [c for c in checked if not isinstance(c, BaseException)]
+    refusal = next((refused for refused, _ in answers if refused), None)
     if refusal:
         raise UnsupportedRedis(refusal)
-    for warning in warnings:
-        log.warning("redis_warning", warning=warning)
+    for _, warnings in answers:
+        for warning in warnings:
+            log.warning("redis_warning", warning=warning)
+
+
+async def _check(
+    primary: aioredis.Redis, replica_acks: int, wait_aof: bool
+) -> tuple[str | None, list[str]]:
+    """One server's refusal (None: fine) and warnings."""
+    server = await status.server(primary)
+    refusal = server.refusal or (await _waitaof_refusal(primary, server) if wait_aof else None)
+    return refusal, [*server.warnings, *await _replica_warnings(primary, server, replica_acks)]
 
 
 async def _waitaof_refusal(redis: aioredis.Redis, server: status.Server) -> str | None:

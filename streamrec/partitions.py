@@ -24,6 +24,8 @@ belongs to the whole deployment stays under ``{<namespace>}`` (``home``).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from functools import cache
 
 import redis.asyncio as aioredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import ClusterDownError, ConnectionError, TimeoutError
 
 from streamrec.keys import Keys
 
@@ -114,12 +117,24 @@ def as_layout(keys: Keys | Layout) -> Layout:
     return keys if isinstance(keys, Layout) else Layout(keys.namespace, 1)
 
 
-async def claim(redis: aioredis.Redis, layout: Layout) -> None:
+async def claim(redis: aioredis.Redis, layout: Layout, *, patience_s: float = 0.0) -> None:
     """Record the partition count if none is, else check it; raise PartitionsChanged if it
-    differs. Every process that reads or writes the streams calls this at start."""
+    differs. Every process that reads or writes the streams calls this at start.
+
+    ``patience_s``: how long to keep trying while the server does not answer (on a
+    cluster, a failover of the node holding the count takes seconds); RedisError after.
+    """
     key = layout.home.partitions
-    await redis.set(key, layout.count, nx=True)
-    recorded = await redis.get(key)
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            await redis.set(key, layout.count, nx=True)
+            recorded = await redis.get(key)
+            break
+        except (ConnectionError, TimeoutError, ClusterDownError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)  # the failover being waited out
     if recorded is not None and int(recorded) != layout.count:
         raise PartitionsChanged(
             f"STREAMREC_PARTITIONS is {layout.count}, but namespace {layout.namespace!r} "

@@ -112,7 +112,8 @@ async def consume(
         redis = await stack.enter_async_context(open_redis(settings))
         if check_redis:
             await health.require_redis(redis)
-            await partitions.claim(redis, layout)
+            # A cluster failing over as this starts is waited out, as the lanes would.
+            await partitions.claim(redis, layout, patience_s=30 if settings.redis_cluster else 0)
         pipeline = await _pipeline(settings, stack, metrics)
         consumer = Consumer(
             redis=redis,
