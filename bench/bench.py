@@ -136,9 +136,13 @@ async def machinery(b: Bench, entries: int) -> None:
     await raw_loop(b.redis, keys, entries)
     b.add(Figure("raw loop, 1 process", entries, time.perf_counter() - wall,
                  time.process_time() - cpu, await commands(b.redis) - before - 1))  # fmt: skip
-    runs = [("slots off, 1 process", 1, []), ("slots on, 1 process", 1, ["--slots"]),
-            ("slots on, 2 processes", 2, ["--slots"]),
-            ("slots on, 1 process, uvloop", 1, ["--slots", "--uvloop"])]  # fmt: skip
+    runs = [
+        ("slots off, 1 process", 1, []),
+        ("slots on, 1 process", 1, ["--slots"]),
+        ("slots on, 2 processes", 2, ["--slots"]),
+        ("slots on, 1 process, uvloop", 1, ["--slots", "--uvloop"]),
+        ("slots on, 1 process, Python's GC thresholds", 1, ["--slots", "--python-gc"]),
+    ]
     for label, processes, options in runs:
         keys = Keys(f"bench-{processes}-{'-'.join(options) or 'plain'}")
         await fill(b.redis, keys, entries)
@@ -283,14 +287,14 @@ def report(b: Bench) -> str:
         f" Python {platform.python_version()},"
         f" Redis on loopback (no persistence)",
         "",
-        f"{'figure':<52} {'per s':>9} {'CPU µs/entry':>13} {'Redis cmds/entry':>17}",
+        f"{'figure':<60} {'per s':>9} {'CPU µs/entry':>13} {'Redis cmds/entry':>17}",
     ]
     for f in b.figures:
         if f.name.startswith(("pickup", "memory")):
             continue
         cpu = f"{f.cpu_seconds / f.entries * 1e6:13.1f}" if f.cpu_seconds is not None else " " * 13
         cmd = f"{f.redis_commands / f.entries:17.2f}" if f.redis_commands is not None else ""
-        out.append(f"{f.name:<52} {f.rate:>9,.0f} {cpu} {cmd}")
+        out.append(f"{f.name:<60} {f.rate:>9,.0f} {cpu} {cmd}")
     return "\n".join([*out, "", *ratios(b)])
 
 

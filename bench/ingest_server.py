@@ -31,7 +31,7 @@ from aiohttp import web
 
 from streamrec.keys import Keys
 from streamrec.logging import configure
-from streamrec.loops import loop_factory
+from streamrec.loops import loop_factory, tune_gc
 from streamrec.producer import WEBHOOK_PATH, WebhookConfig, create_app
 from streamrec.service import redis_client
 
@@ -106,6 +106,7 @@ def main() -> None:
         os.environ
     ):
         parser.error("streamrec mode needs INGEST_ACCOUNT_SID and INGEST_AUTH_TOKEN set")
+    tune_gc()  # as python -m streamrec does
     with asyncio.Runner(loop_factory=loop_factory(args.uvloop)) as runner:
         runner.run(serve(args))
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from streamrec import logging as logs
 from streamrec.consumer import Consumer, ConsumerConfig, Delivery
 from streamrec.keys import Keys
-from streamrec.loops import loop_factory
+from streamrec.loops import loop_factory, tune_gc
 from streamrec.partitions import Layout
 from streamrec.semaphore import Slots
 from streamrec.service import redis_client
@@ -53,6 +53,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
+    parser.add_argument(
+        "--python-gc", action="store_true", help="Python's GC thresholds, not streamrec's"
+    )
     parser.add_argument("--expect", type=int, default=0, help="stop after this many entries")
     parser.add_argument("--partitions", type=int, default=0, help="serve Layout(NAMESPACE, N)")
     parser.add_argument("--cluster", action="store_true", help="REDIS_URL is a cluster node")
@@ -101,5 +104,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--python-gc" not in sys.argv:
+        tune_gc()  # as python -m streamrec does
     with asyncio.Runner(loop_factory=loop_factory("--uvloop" in sys.argv)) as runner:
         runner.run(main())

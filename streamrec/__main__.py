@@ -34,7 +34,7 @@ from streamrec import (
 from streamrec import logging as logs
 from streamrec.devservers import ServerError
 from streamrec.events import BUSINESS_ID_RULE, is_business_id
-from streamrec.loops import loop_factory
+from streamrec.loops import loop_factory, tune_gc
 from streamrec.metrics import Metrics
 from streamrec.partitions import Layout
 from streamrec.retry import describe
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(
             fmt=settings.log_format, level=settings.log_level, secrets=settings.secrets()
         )
+        tune_gc()
         factory = loop_factory(settings.event_loop == "uvloop")
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(_dispatch(args, settings))

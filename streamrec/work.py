@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from streamrec.delivery import Delivery, Lost
 from streamrec.semaphore import Held
@@ -44,7 +44,7 @@ class Work:
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.delivery = replace(self.delivery, guard=self.guard)
+        self.delivery = self.delivery.guarded_by(self.guard)
 
     @property
     def entry_id(self) -> str:

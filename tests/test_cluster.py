@@ -154,7 +154,10 @@ async def test_a_callback_is_confirmed_by_the_replica_of_its_own_partition(
         fresh_cluster.kill(replica)
         served = next(p for p in layout if fresh_cluster.primary_for(p.stream).url == seed)
         business = {p.partition: f"b{n}" for n in range(200) for p in [layout.of(f"b{n}")]}
-        enqueuer = Enqueuer(client, layout, dedupe_ttl_s=60, replica_acks=1, deadline_ms=1_000)
+        # WAIT blocks for most of the deadline; the rest must hold the round trips, so the
+        # client has learnt the cluster before, and the deadline leaves slack on a busy machine.
+        await partitions.claim(client, layout)
+        enqueuer = Enqueuer(client, layout, dedupe_ttl_s=60, replica_acks=1, deadline_ms=3_000)
         with pytest.raises(Unconfirmed, match="0 of 1 replicas acknowledged"):
             await enqueuer.enqueue(_event(business[lonely.partition]))
         added, _ = await enqueuer.enqueue(_event(business[served.partition]))
