@@ -46,7 +46,7 @@ from streamrec.semaphore import Slots
 from streamrec.settings import Settings
 
 HERE = Path(__file__).resolve().parent
-CHOICES = ("machinery", "pipeline", "latency", "io", "memory", "cluster")
+CHOICES = ("machinery", "pipeline", "latency", "io", "burst", "memory", "cluster")
 ACCOUNT = "AC" + "b" * 32
 TOKEN = "bench-token"  # noqa: S105 - a local stand-in's credential
 
@@ -177,6 +177,50 @@ async def io_bound(b: Bench, entries: int) -> None:
     wall = time.perf_counter()
     await consumer.run(asyncio.Event(), until_idle=True)
     b.add(Figure("50 ms handlers, 100 in flight, slots on", entries, time.perf_counter() - wall))
+
+
+async def burst(b: Bench, count: int) -> None:
+    """Figure 5b: ``count`` 50 ms jobs enqueued as fast as one process can into a worker
+    already running and idle (100 in flight); from the first enqueue to the last job's
+    end. The reference: a bare XREADGROUP loop running the same jobs (ideal: 2,000/s)."""
+    for label, options in (
+        ("raw loop", ["--raw"]),
+        ("streamrec, slots on", ["--slots"]),
+        ("streamrec, slots off", []),
+    ):
+        keys = Keys(f"bench-burst-{'-'.join(options) or 'off'}")
+        await b.redis.delete(keys.stream)
+        await ensure_group(b.redis, keys)
+        worker = subprocess.Popen(
+            worker_command(b, keys.namespace, "burst", *options, "--sleep-ms", "50",
+                           "--expect", str(count)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not await _blocked_in_a_read(b.redis):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the burst worker never waited in its read")
+            await asyncio.sleep(0.05)  # until the worker waits in its read
+        began = time.time()
+        for start in range(0, count, 100):
+            async with b.redis.pipeline(transaction=False) as pipe:
+                for n in range(start, min(start + 100, count)):
+                    pipe.xadd(keys.stream, {"business_id": f"b{n % 10}", "n": str(n)})
+                await pipe.execute()
+        out, _ = await asyncio.to_thread(worker.communicate)
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        assert result["processed"] == count, result
+        seconds = float(result["last_done"]) - began
+        b.add(Figure(f"live burst, {count} x 50 ms jobs, {label}", count, seconds, result["cpu_s"]))
+
+
+async def _blocked_in_a_read(redis: aioredis.Redis) -> bool:
+    """Whether a client of ``redis`` waits in a blocking XREADGROUP now."""
+    return any(
+        c.get("cmd") == "xreadgroup" and "b" in str(c.get("flags", ""))
+        for c in await redis.client_list()
+    )
 
 
 async def latency(b: Bench, count: int, *, slots: bool, uvloop: bool = False) -> None:
@@ -315,6 +359,11 @@ def ratios(b: Bench) -> list[str]:
     two = b.get("consumer, no-op, slots on, 2 processes")
     if two:
         ratios.append(f"2 processes: {two.rate / 2:,.0f} entries/s per process")
+    raw_burst = b.get("live burst, 2000 x 50 ms jobs, raw loop")
+    for label in ("slots on", "slots off"):
+        live = b.get(f"live burst, 2000 x 50 ms jobs, streamrec, {label}")
+        if raw_burst and live:
+            ratios.append(f"live burst, {label} / raw loop: {live.rate / raw_burst.rate:.1%}")
     io = b.get("50 ms handlers, 100 in flight, slots on")
     if io:
         ratios.append(f"50 ms handlers / ideal 2,000/s: {io.rate / 2000:.1%}")
@@ -364,7 +413,7 @@ async def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="machinery,pipeline,latency,io,memory",
+        default="machinery,pipeline,latency,io,burst,memory",
         help=f"comma-separated, of: {','.join(CHOICES)} (cluster is not in the default)",
     )
     args = parser.parse_args()
@@ -396,6 +445,8 @@ async def local(only: set[str], args: argparse.Namespace) -> None:
             await latency(b, 1_000, slots=True, uvloop=True)
         if "io" in only:
             await io_bound(b, 10_000)
+        if "burst" in only:
+            await burst(b, 2_000)
         if "memory" in only:
             await memory(b, [10_000, 1_000_000] if args.million else [10_000, 100_000])
         print(report(b))

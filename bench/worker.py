@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,6 +45,44 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+async def raw_burst(
+    redis: Any, keys: Keys, args: argparse.Namespace, handler: Any
+) -> dict[str, Any]:
+    """The reference for a live burst: XREADGROUP (blocking when idle), each entry's handler
+    in a task of its own with at most --concurrency at once, XACK + XDEL as each ends."""
+    done = in_flight = 0
+    freed = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(entry_id: str) -> None:
+        nonlocal done, in_flight
+        await handler(None)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xack(keys.stream, keys.group, entry_id)
+            pipe.xdel(keys.stream, entry_id)
+            await pipe.execute()
+        done += 1
+        in_flight -= 1
+        freed.set()
+
+    cpu = time.process_time()
+    while done < args.expect:
+        while in_flight >= args.concurrency:
+            freed.clear()
+            await freed.wait()
+        free = args.concurrency - in_flight
+        reply = await redis.xreadgroup(
+            keys.group, args.name, {keys.stream: ">"}, count=free, block=2_000
+        )
+        for _, batch in reply or []:
+            for entry_id, _ in batch:
+                in_flight += 1
+                task = asyncio.create_task(run(entry_id))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    return {"processed": done, "cpu_s": time.process_time() - cpu}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("redis_url")
@@ -58,12 +97,16 @@ async def main() -> None:
     )
     parser.add_argument("--expect", type=int, default=0, help="stop after this many entries")
     parser.add_argument("--partitions", type=int, default=0, help="serve Layout(NAMESPACE, N)")
+    parser.add_argument("--sleep-ms", type=float, default=0.0, help="each handler awaits this")
+    parser.add_argument(
+        "--raw", action="store_true", help="the reference: a bare XREADGROUP loop, not streamrec"
+    )
     parser.add_argument("--cluster", action="store_true", help="REDIS_URL is a cluster node")
     args = parser.parse_args()
     logs.configure(fmt="json", level="warning")
     # Draining: a short block ends the run soon after the stream is empty. Latency:
     # a long one, as in production, so the consumer sleeps in XREADGROUP.
-    block_ms = 2_000 if args.latency else 10
+    block_ms = 2_000 if args.latency or args.sleep_ms else 10
     redis = redis_client(args.redis_url, block_ms=block_ms, cluster=args.cluster)
     # The slots are given on the namespace's keys; with a layout, the consumer
     # applies them to each partition's.
@@ -71,10 +114,21 @@ async def main() -> None:
     served: Keys | Layout = Layout(args.namespace, args.partitions) if args.partitions else keys
     latencies: list[float] = []
     stop = asyncio.Event()
+    last_done = 0.0
 
     async def handler(delivery: Delivery) -> None:
+        nonlocal last_done
         if args.latency:
             latencies.append(time.time() - float(delivery.fields["t"]))
+        if args.sleep_ms:
+            await asyncio.sleep(args.sleep_ms / 1000)  # the I/O being simulated
+            last_done = time.time()
+
+    if args.raw:
+        result = await raw_burst(redis, keys, args, handler)
+        print(json.dumps({**result, "last_done": last_done}))
+        await redis.aclose()
+        return
 
     consumer = Consumer(
         redis=redis,
@@ -98,6 +152,7 @@ async def main() -> None:
         "cpu_s": time.process_time() - cpu,
         "rss_mib": rss_mib(),
         "latencies": latencies,
+        "last_done": last_done,
     }
     await redis.aclose()
     print(json.dumps(result))
