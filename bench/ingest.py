@@ -63,7 +63,7 @@ from streamrec.producer import WEBHOOK_PATH
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "bench-ingest"
 BUSINESSES = 10
-TARGET = 0.5
+TARGET = 0.6
 SIGNED_URL = "https://ingest.bench.example"  # STREAMREC_PUBLIC_URL of the streamrec servers
 RESULT_MARK = "INGEST_RESULT "
 

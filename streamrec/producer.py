@@ -18,7 +18,9 @@ that first add is confirmed): nothing is lost and nothing is added twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -28,6 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from multidict import MultiMapping
 from redis.exceptions import RedisError, ResponseError
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
@@ -365,11 +368,24 @@ def _signed(
     the full check also tries the URL with and without its port and honours a
     SHA-256 signature setting.
     """
-    expected = validator.compute_signature(url, form)
+    expected = sha1_signature(validator.token, url, form)
     if hmac.compare_digest(expected.encode(), signature.encode()):
         return True
     settings = request.headers.get("X-Twilio-Webhooks-Signature-Settings")
     return bool(validator.validate(url, form, signature, get_signature_algorithm(settings)))
+
+
+def sha1_signature(token: bytes, url: str, form: MultiMapping[str]) -> str:
+    """What ``RequestValidator(token).compute_signature(url, form)`` gives (HMAC-SHA1): the
+    URL, then each name and value, names sorted, each name's distinct values sorted, signed
+    and base64-encoded. One join instead of a string grown per field: a third of the cost
+    on the webhook's path, compared with the validator on a generated corpus in the tests."""
+    parts = [url]
+    for name in sorted(set(form)):
+        for value in sorted(set(form.getall(name))):
+            parts += (name, value)
+    digest = hmac.new(token, "".join(parts).encode("utf-8"), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
 
 
 def _event(params: dict[str, str], business_id: str) -> RecordingEvent:
