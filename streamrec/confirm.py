@@ -19,24 +19,10 @@ would send a keyless WAIT to a node of its own choosing.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    RedisError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
-from streamrec.connections import direct
+from streamrec.connections import on_primary
 from streamrec.keys import Keys
-
-MOVED = (
-    MovedError, AskError, TryAgainError, ClusterDownError, RedisConnectionError, RedisTimeoutError
-)  # fmt: skip
-"""What a direct connection to a cluster primary meets when that primary no longer serves
-the partition (a failover, a slot migration) or is gone."""
 
 MARKER_TTL_MS = 60_000
 
@@ -57,15 +43,7 @@ class Confirmer:
     async def __call__(self, keys: Keys) -> None:
         """Return once the replicas have every write the partition's primary took before
         now; raise Unconfirmed when fewer confirm in time, RedisError when it fails."""
-        nodes = direct(self._redis)
-        if nodes is None:
-            acked = await self._wait(self._redis, keys)
-        else:
-            try:
-                acked = await self._wait(await nodes.for_key(keys.confirmed), keys)
-            except MOVED:
-                await nodes.refresh(keys.confirmed)
-                acked = await self._wait(await nodes.for_key(keys.confirmed), keys)
+        acked = await on_primary(self._redis, keys.confirmed, lambda r: self._wait(r, keys))
         if acked < self.replicas:
             raise Unconfirmed(
                 f"{acked} of {self.replicas} replicas acknowledged within {self._wait_ms} ms"

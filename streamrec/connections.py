@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ClusterDownError, ConnectionError, TimeoutError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from streamrec.settings import Settings
 
@@ -133,6 +140,31 @@ class Direct:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+MOVED = (
+    MovedError, AskError, TryAgainError, ClusterDownError, ConnectionError, TimeoutError
+)  # fmt: skip
+"""What a direct connection to a cluster primary meets when that primary no longer serves
+the key (a failover, a slot migration) or is gone."""
+
+T = TypeVar("T")
+
+
+async def on_primary(
+    redis: aioredis.Redis, key: str, work: Callable[[aioredis.Redis], Awaitable[T]]
+) -> T:
+    """``work`` on one connection that reaches the primary holding ``key``: ``redis``
+    itself, or on a cluster a direct client of that primary, found anew once if it moved.
+    For a write and the WAIT that confirms it, which must share a connection."""
+    nodes = direct(redis)
+    if nodes is None:
+        return await work(redis)
+    try:
+        return await work(await nodes.for_key(key))
+    except MOVED:
+        await nodes.refresh(key)
+        return await work(await nodes.for_key(key))
 
 
 _DIRECT: weakref.WeakKeyDictionary[RedisCluster, Direct] = weakref.WeakKeyDictionary()

@@ -36,8 +36,8 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from streamrec import health, lua
 from streamrec.batch import Batcher
-from streamrec.confirm import MOVED, Unconfirmed
-from streamrec.connections import direct
+from streamrec.confirm import Unconfirmed
+from streamrec.connections import on_primary
 from streamrec.events import TERMINAL_STATUSES, InvalidEvent, RecordingEvent, is_business_id
 from streamrec.keys import Keys
 from streamrec.metrics import METRICS_KEY, Metrics, metrics_endpoint
@@ -175,15 +175,7 @@ class Enqueuer:
         cluster client would send WAIT to another node, whose answer confirms
         nothing of this write.
         """
-        nodes = direct(self._redis)
-        if nodes is None:
-            return await self._confirm_on(self._redis, keys, args)
-        # A cluster: on a connection of the partition's primary, found anew once if it moved.
-        try:
-            return await self._confirm_on(await nodes.for_key(keys[0]), keys, args)
-        except MOVED:
-            await nodes.refresh(keys[0])
-            return await self._confirm_on(await nodes.for_key(keys[0]), keys, args)
+        return await on_primary(self._redis, keys[0], lambda r: self._confirm_on(r, keys, args))
 
     async def _confirm_on(
         self, redis: aioredis.Redis, keys: list[str], args: list[str]

@@ -135,11 +135,6 @@ class Slots:
         self._limit = lua.register(redis, "slots_limit", PRELUDE)
         self._parked = lua.register(redis, "slots_parked", PRELUDE)
 
-    @property
-    def keys(self) -> Keys:
-        """The keys of the partition these slots are of."""
-        return self._keys
-
     def on(self, keys: Keys) -> Slots:
         """The same slots (default limit, lease, field) on another partition's keys."""
         return Slots(
