@@ -68,14 +68,16 @@ class AudioInfo:
     """FFmpeg's codec name, e.g. ``mp3``, ``pcm_s16le``."""
 
 
-def probe(path: Path) -> AudioInfo:
+def probe(path: Path, data: bytes | None = None) -> AudioInfo:
     """The duration, channels, sample rate and codec of the first audio stream at ``path``.
 
-    Reads the header and the first packets only. Raises UnreadableAudio when
-    the file is not audio FFmpeg can read; OSError (FileNotFoundError ...) when
-    the file itself cannot be opened.
+    Reads the header and the first packets only: from ``data`` when given (the
+    file's bytes, already in memory: no disk work, cheap enough for the event
+    loop), else from the file. Raises UnreadableAudio when the file is not audio
+    FFmpeg can read; OSError (FileNotFoundError ...) when the file itself cannot
+    be opened.
     """
-    with _open(path) as container:
+    with _open(path, data) as container:
         stream = _audio_stream(container, path)
         context = stream.codec_context
         return AudioInfo(
@@ -86,11 +88,13 @@ def probe(path: Path) -> AudioInfo:
         )
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _open(path: Path, data: bytes | None = None) -> av.container.InputContainer:
     try:
+        if data is not None:
+            return av.open(io.BytesIO(data), "r", format=_format_of_head(data[:4]))
         return av.open(str(path), "r", format=_format_of(path))
     except av.FFmpegError as exc:
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and data is None:
             raise  # the file is missing or unreadable: not a fault of its content
         raise UnreadableAudio(f"{path.name} is not audio FFmpeg can read: {exc}") from exc
 
@@ -106,7 +110,10 @@ def _format_of(path: Path) -> str | None:
     tag starts with a frame sync, which other formats can share: it is probed.
     """
     with path.open("rb") as file:
-        head = file.read(4)
+        return _format_of_head(file.read(4))
+
+
+def _format_of_head(head: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
 
 

@@ -20,7 +20,9 @@ class Batcher(Generic[T, R]):
     """Runs ``run(items)`` for batches of submitted items; ``run`` returns one result per item.
 
     A result may be an exception instead: that item alone fails with it, while
-    an exception raised by ``run`` fails the whole batch.
+    an exception raised by ``run`` fails the whole batch. Up to ``flights`` runs
+    go on at once: an item submitted while fewer are under way goes out at once,
+    alone; the others wait for the first run to end and go out together.
     """
 
     def __init__(
@@ -28,11 +30,13 @@ class Batcher(Generic[T, R]):
         run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]],
         *,
         max_size: int = 500,
+        flights: int = 1,
     ):
         self._run = run
         self._max = max_size
+        self._flights = flights
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
         """The result of ``item``, once the batch it went out with is done.
@@ -41,8 +45,11 @@ class Batcher(Generic[T, R]):
         """
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        # A flusher done but not yet discarded has left its loop: it takes nothing more.
+        if sum(not f.done() for f in self._flushers) < self._flights:
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
         return await done
 
     async def _flush(self) -> None:

@@ -7,16 +7,18 @@ at another host or make it send the auth token there.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import itertools
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
 import structlog
 
+from streamrec.disk import Disk
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, TransientError
 
@@ -24,7 +26,8 @@ log = structlog.get_logger("streamrec.twilio")
 
 CHUNK = 64 * 1024
 WRITE_BYTES = 1024 * 1024
-"""Received chunks are written to disk in pieces this large: one thread hop per MiB."""
+"""Received chunks are written to disk in pieces this large: one thread hop per MiB; a
+body no larger is written whole, with its rename, in one hop."""
 AUDIO_MAGIC = (b"ID3", b"RIFF", b"OggS", b"fLaC")
 
 
@@ -45,6 +48,22 @@ def looks_like_audio(head: bytes) -> bool:
     if head.startswith(AUDIO_MAGIC):
         return True
     return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+
+
+_PART_TAG = uuid.uuid4().hex[:12]
+"""Names this process's partial files apart from another process's."""
+_part_numbers = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """A recording's audio on disk."""
+
+    path: Path
+    size: int
+    body: bytes | None = None
+    """The file's bytes when the download held them whole (up to WRITE_BYTES); None when
+    they were streamed to disk or the file was there already."""
 
 
 class MediaClient:
@@ -71,35 +90,37 @@ class MediaClient:
         self._headers = {"Authorization": f"Basic {credentials}"}
         self._media_dir = media_dir
         self._max_bytes = max_bytes
+        self._disk = Disk()
 
     def path_for(self, event: RecordingEvent) -> Path:
         """Where the audio of a recording is stored."""
         return self._media_dir / event.business_id / f"{event.recording_sid}.mp3"
 
-    async def download(self, event: RecordingEvent) -> tuple[Path, int]:
-        """Fetch the recording's audio to disk; returns its path and size.
+    async def download(self, event: RecordingEvent) -> Downloaded:
+        """Fetch the recording's audio to disk; returns where it is, its size and,
+        when it was small enough to hold whole, its bytes.
 
         A file already at the final path is complete (it is renamed there only
         when whole) and is not fetched again. Raises TransientError for Twilio's
         early 404, 429, 5xx and network failures, PermanentError for other 4xx,
         oversized or non-audio bodies. Disk work runs in threads, off the event
-        loop: the media directory may be a network share.
+        loop: the media directory may be a network share. A body of up to
+        WRITE_BYTES is written, and renamed into place, in one thread hop.
         """
         if event.account_sid != self._account_sid:
             raise PermanentError("recording belongs to another account")
         final = self.path_for(event)
-        size = await asyncio.to_thread(_size_if_present, final)
+        size = await self._disk.run(_size_if_present, final)
         if size is not None:
-            return final, size
-        part = final.with_name(f"{final.name}.{uuid.uuid4().hex}.part")
+            return Downloaded(final, size)
+        part = final.with_name(f"{final.name}.{_PART_TAG}-{next(_part_numbers)}.part")
         try:
-            size = await self._fetch(event, part)
-            await asyncio.to_thread(os.replace, part, final)
+            downloaded = await self._fetch(event, part, final)
         except BaseException:
-            await asyncio.to_thread(part.unlink, missing_ok=True)
+            await self._disk.run(part.unlink, missing_ok=True)
             raise
-        log.info("recording_downloaded", bytes=size)
-        return final, size
+        log.info("recording_downloaded", bytes=downloaded.size)
+        return downloaded
 
     async def sync_stored(self, path: Path, size: int) -> None:
         """Force the stored audio at ``path`` to disk: the file, then the directories naming it.
@@ -107,9 +128,9 @@ class MediaClient:
         Raises PermanentError if ``path`` is not a file of ``size`` bytes: the
         audio the row records is not where it says, so Twilio's copy must stay.
         """
-        if await asyncio.to_thread(_size_if_present, path) != size:
+        if await self._disk.run(_size_if_present, path) != size:
             raise PermanentError(f"stored audio is missing or not {size} bytes: {path}")
-        await asyncio.to_thread(_fsync_each, path, path.parent, path.parent.parent)
+        await self._disk.run(_fsync_each, path, path.parent, path.parent.parent)
 
     async def delete(self, event: RecordingEvent) -> bool:
         """Delete the recording (media and metadata) from Twilio; False if it was gone already.
@@ -137,21 +158,21 @@ class MediaClient:
             raise TransientError(f"delete request got {status}", retry_after=retry_after)
         raise PermanentError(f"delete request got {status}")
 
-    async def _fetch(self, event: RecordingEvent, part: Path) -> int:
-        """Save the recording's media to ``part``; returns its size."""
+    async def _fetch(self, event: RecordingEvent, part: Path, final: Path) -> Downloaded:
+        """Save the recording's media at ``final``, through ``part`` while it is incomplete."""
         url = media_url(self._api_base, event)
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 _check_status(response)
-                return await self._save(response, part)
+                return await self._save(response, part, final)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"media download failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _save(self, response: aiohttp.ClientResponse, part: Path) -> int:
+    async def _save(self, response: aiohttp.ClientResponse, part: Path, final: Path) -> Downloaded:
         declared = response.content_length
         if declared is not None and declared > self._max_bytes:
             raise PermanentError(f"media is {declared} bytes, over the {self._max_bytes} limit")
-        file = await asyncio.to_thread(_open_for_write, part)
+        file: BinaryIO | None = None  # opened once the body outgrows WRITE_BYTES
         size = 0
         pending = bytearray()
         try:
@@ -163,14 +184,22 @@ class MediaClient:
                     raise PermanentError(f"media is over the {self._max_bytes} byte limit")
                 pending += chunk
                 if len(pending) >= WRITE_BYTES:
-                    await asyncio.to_thread(file.write, pending)
+                    if file is None:
+                        file = await self._disk.run(_open_for_write, part)
+                    await self._disk.run(file.write, pending)
                     pending.clear()
-            await asyncio.to_thread(file.write, pending)
+            if size == 0:
+                raise TransientError("media body was empty")
+            if file is None:
+                body = bytes(pending)
+                await self._disk.run(_write_whole, part, body, final)
+                return Downloaded(final, size, body)
+            await self._disk.run(file.write, pending)
         finally:
-            await asyncio.to_thread(file.close)
-        if size == 0:
-            raise TransientError("media body was empty")
-        return size
+            if file is not None:
+                await self._disk.run(file.close)
+        await self._disk.run(os.replace, part, final)
+        return Downloaded(final, size)
 
 
 def _size_if_present(path: Path) -> int | None:
@@ -190,8 +219,18 @@ def _fsync_each(*paths: Path) -> None:
 
 
 def _open_for_write(path: Path) -> BinaryIO:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("wb")
+    try:
+        return path.open("wb")
+    except FileNotFoundError:  # the business's first recording here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("wb")
+
+
+def _write_whole(part: Path, body: bytes, final: Path) -> None:
+    """Write ``body`` to ``part`` and rename it to ``final``: the file appears only whole."""
+    with _open_for_write(part) as file:
+        file.write(body)
+    os.replace(part, final)
 
 
 def _check_status(response: aiohttp.ClientResponse) -> None:

@@ -72,10 +72,13 @@ def assert_heard(heard: list[tuple[float, float, str]], bursts: list[Burst]) -> 
 def test_probe_reads_the_header(
     calls: dict[str, Call], name: str, channels: int, rate: int, codec: str
 ) -> None:
-    """probe gives the duration, channels, sample rate and codec the file was made with."""
-    info = probe(calls[name][0])
+    """probe gives the duration, channels, sample rate and codec the file was made with,
+    alike from the file and from its bytes in memory."""
+    path = calls[name][0]
+    info = probe(path)
     assert (info.channels, info.sample_rate, info.codec) == (channels, rate, codec)
     assert info.duration_s == pytest.approx(DURATION_S, abs=0.01)
+    assert probe(path.with_name("elsewhere"), path.read_bytes()) == info
 
 
 @pytest.mark.parametrize("name", ["mp3", "wav"])
@@ -190,6 +193,8 @@ def test_undecodable_files_are_unreadable_audio(tmp_path: Path, content: bytes) 
     path.write_bytes(content)
     with pytest.raises(UnreadableAudio, match=r"recording\.mp3"):
         probe(path)
+    with pytest.raises(UnreadableAudio, match=r"recording\.mp3"):
+        probe(path, content)
     with pytest.raises(UnreadableAudio, match=r"recording\.mp3"):
         decode(path, split=True)
 

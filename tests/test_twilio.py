@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from streamrec.events import RecordingEvent
 from streamrec.retry import PermanentError, TransientError
-from streamrec.twilio import MediaClient
+from streamrec.twilio import WRITE_BYTES, Downloaded, MediaClient
 from tests.standins import ACCOUNT_SID, AUDIO, AUTH_TOKEN, MediaStandIn, call_sid, recording_sid
 
 MEDIA_LIMIT = 100 * 1024 * 1024
@@ -85,7 +85,7 @@ async def test_a_file_already_in_place_is_not_fetched(
     path = client.path_for(recording)
     path.parent.mkdir(parents=True)
     path.write_bytes(AUDIO)
-    assert await client.download(recording) == (path, len(AUDIO))
+    assert await client.download(recording) == Downloaded(path, len(AUDIO))
     assert media.requests[recording.recording_sid] == 0
 
 
@@ -99,19 +99,25 @@ async def test_a_two_channel_recording_is_fetched_with_both_channels(
     assert media.query_of[recording.recording_sid] == query
 
 
+@pytest.mark.parametrize("extra", [0, 100_000, WRITE_BYTES, 3 * WRITE_BYTES])
 async def test_disk_work_runs_off_the_event_loop(
-    client: MediaClient, media: MediaStandIn, tmp_path: Path
+    client: MediaClient, media: MediaStandIn, tmp_path: Path, extra: int
 ) -> None:
-    """A download checks, writes and renames its file in threads: no disk call on the loop."""
+    """A download checks, writes and renames its file in threads: no disk call on the loop.
+
+    A body of up to WRITE_BYTES is held whole and handed back; a longer one is streamed.
+    """
     recording = event()
-    body = AUDIO + os.urandom(3 * 1024 * 1024)
+    body = AUDIO + os.urandom(extra)
     media.body_for[recording.recording_sid] = body
     with disk_calls_on_this_thread(tmp_path) as on_loop:
-        path, size = await client.download(recording)
+        downloaded = await client.download(recording)
     assert on_loop == []
-    assert size == len(body)
-    assert path.read_bytes() == body
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no .part left behind
+    assert downloaded.size == len(body)
+    assert downloaded.body == (body if len(body) <= WRITE_BYTES else None)
+    assert downloaded.path.read_bytes() == body
+    # no .part left behind
+    assert [p.name for p in downloaded.path.parent.iterdir()] == [downloaded.path.name]
 
 
 @pytest.mark.parametrize(
@@ -160,7 +166,8 @@ async def test_stored_audio_is_synced_before_it_counts(
 ) -> None:
     """sync_stored fsyncs the file and the directories naming it; a wrong size is refused."""
     recording = event()
-    path, size = await client.download(recording)
+    downloaded = await client.download(recording)
+    path, size = downloaded.path, downloaded.size
     synced: list[str] = []
     fsync = os.fsync
 
