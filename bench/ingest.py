@@ -20,6 +20,9 @@ answering only after WAIT N, printed beside the figure without it. Both
 streamrec servers verify signatures over one public URL, so the same signed
 callbacks serve all servers.
 
+With INGEST_PROFILE_DIR set, each server writes cProfile's stats of its whole run
+(warm-ups and every round) to DIR/<mode>.prof as it stops.
+
 Every body carries a distinct RecordingSid, so the dedupe script never
 short-circuits unless a wrk thread sends more requests than it has bodies; it
 then starts over and those repeats are answered as duplicates (counted and
@@ -136,6 +139,8 @@ class Figure:
     wrk_cpu_s: float
     stream_entries: int | None = None
     redis_cpu_s: float | None = None
+    redis_calls: int | None = None
+    """Script calls (EVAL, EVALSHA) Redis ran during the run: one per batch of callbacks."""
     replica_entries: int | None = None
 
     @property
@@ -273,6 +278,8 @@ def start_server(
     log = directory / f"{mode}.log"
     args = [sys.executable, str(ROOT / "bench" / "ingest_server.py"), *server_args(mode),
             "--port", "0", "--redis-url", redis_url, "--namespace", NAMESPACE]  # fmt: skip
+    if profiles := os.environ.get("INGEST_PROFILE_DIR"):
+        args += ["--profile", str(Path(profiles) / f"{mode}.prof")]
     with log.open("wb") as err:
         process = children.start(args, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
     assert process.stdout is not None
@@ -312,6 +319,12 @@ def children_cpu_s() -> float:
     """CPU seconds of this script's finished children: around one wrk run, wrk's."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def redis_calls(client: redis.Redis) -> int:
+    """Script calls Redis has run, from INFO commandstats."""
+    info: dict[str, Any] = client.info("commandstats")
+    return sum(int(info.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
@@ -478,11 +491,13 @@ class Bench:
             self._wrk(url, self.args.warmup)
         client.flushdb()
         redis_before, cpu_before = redis_cpu_s(client), process_cpu_s(server.process.pid)
+        calls_before = redis_calls(client)
         wrk_before = children_cpu_s()
         result, output = self._wrk(url, self.args.duration)
         server_cpu = process_cpu_s(server.process.pid) - cpu_before
         wrk_cpu = children_cpu_s() - wrk_before
         redis_used = redis_cpu_s(client) - redis_before
+        calls = redis_calls(client) - calls_before
         if self.args.show_wrk:
             print(f"--- wrk against {server.mode} ---\n{output}")
         errors = {k: result[k] for k in ("connect", "read", "write", "timeout") if result[k]}
@@ -502,6 +517,7 @@ class Bench:
         if not server.mode.startswith("bare"):
             figure.stream_entries = int(client.xlen(self.stream))
             figure.redis_cpu_s = redis_used
+            figure.redis_calls = calls
         if server.mode.startswith("wait") and self.replica is not None:
             figure.replica_entries = int(self.replica.xlen(self.stream))
         return figure
@@ -598,9 +614,11 @@ def report_stream(figure: Figure, args: argparse.Namespace) -> None:
     note = "ok" if abs(entries - distinct) <= args.connections + 5 else "MISMATCH"
     if repeats:
         note += f" (more requests than --bodies {args.bodies:,}: raise it to avoid repeats)"
+    per_call = figure.accepted / figure.redis_calls if figure.redis_calls else 0
     print(
         f"{figure.mode}: {figure.accepted:,} callbacks accepted (2xx), {entries:,} stream entries,"
-        f" {repeats:,} repeats answered as duplicates, Redis CPU {redis_cpu:.0%}: {note}"
+        f" {repeats:,} repeats answered as duplicates, Redis CPU {redis_cpu:.0%},"
+        f" {per_call:.1f} callbacks per script call: {note}"
     )
 
 

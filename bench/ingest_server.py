@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
 import signal
 import socket
@@ -101,14 +102,21 @@ def main() -> None:
     parser.add_argument("--public-url", help="the URL signatures are computed over")
     parser.add_argument("--replica-acks", type=int, default=0, help="WAIT for N replicas")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
+    parser.add_argument("--profile", help="write cProfile's stats of the run here on stop")
     args = parser.parse_args()
     if args.mode == "streamrec" and not {"INGEST_ACCOUNT_SID", "INGEST_AUTH_TOKEN"} <= set(
         os.environ
     ):
         parser.error("streamrec mode needs INGEST_ACCOUNT_SID and INGEST_AUTH_TOKEN set")
     tune_gc()  # as python -m streamrec does
+    profiler = cProfile.Profile() if args.profile else None
     with asyncio.Runner(loop_factory=loop_factory(args.uvloop)) as runner:
+        if profiler is not None:
+            profiler.enable()
         runner.run(serve(args))
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
 
 
 if __name__ == "__main__":

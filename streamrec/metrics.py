@@ -36,6 +36,7 @@ class Metrics:
         self.webhooks = Counter(
             "streamrec_webhooks", "Webhook requests by outcome.", ["outcome"], registry=r
         )
+        self._webhook_outcomes: dict[str, Counter] = {}
         self.entries = Counter(
             "streamrec_entries",
             "Stream entries finished by this process, by outcome "
@@ -121,6 +122,13 @@ class Metrics:
             "When this process last finished a reconcile run without error (Unix time).",
             registry=r,
         )
+
+    def webhook(self, outcome: str) -> None:
+        """Count one webhook answer (the labelled counter is looked up once per outcome)."""
+        child = self._webhook_outcomes.get(outcome)
+        if child is None:
+            child = self._webhook_outcomes[outcome] = self.webhooks.labels(outcome)
+        child.inc()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

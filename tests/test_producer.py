@@ -418,6 +418,40 @@ async def test_a_paused_redis_is_answered_503_within_the_deadline(
         await redis.aclose()
 
 
+async def test_a_callback_queued_behind_a_stuck_call_is_answered_by_its_own_deadline(
+    own_redis: LocalRedis, keys: Keys
+) -> None:
+    """Redis paused: a callback arriving while another's enqueue call hangs waits for that
+    call to end (by the first one's deadline), then is answered 503 by its own deadline,
+    not one deadline later."""
+    deadline_s, margin_s = 2.0, 0.5
+    redis = service.redis_client(own_redis.url)
+    try:
+        config = webhook_config(keys, deadline_ms=int(deadline_s * 1000))
+        async with serving(redis, config) as client:
+            assert (await post(client, callback_params())).status == 200
+            loop = asyncio.get_running_loop()
+            own_redis.pause()
+            try:
+
+                async def timed() -> tuple[int, float]:
+                    started = loop.time()
+                    answer = await post(client, callback_params())
+                    return answer.status, loop.time() - started
+
+                first = asyncio.create_task(timed())
+                await asyncio.sleep(deadline_s / 2)  # the scenario: half a deadline later
+                second = asyncio.create_task(timed())
+                answers = await asyncio.wait_for(asyncio.gather(first, second), 3 * deadline_s)
+            finally:
+                own_redis.resume()
+            for status, elapsed in answers:
+                assert status == 503
+                assert elapsed < deadline_s + margin_s
+    finally:
+        await redis.aclose()
+
+
 async def test_a_marker_of_the_wrong_type_answers_503_and_adds_nothing(
     client: Client, redis: aioredis.Redis, keys: Keys
 ) -> None:
