@@ -95,6 +95,7 @@ class RecordingPipeline:
         plan = await self._transcription(event)
         transcribing = plan is not None
         facts = await _facts(media, required=transcribing)
+        del media  # its bytes (up to 1 MiB) are not held through a transcription
         if transcribing and (progress is None or progress.audio_path is None):
             # Worth a commit only when a slow stage follows that could fail.
             delivery.ensure_owned()
