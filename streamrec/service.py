@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import asyncpg
-import openai
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
@@ -35,6 +35,9 @@ from streamrec.semaphore import Slots
 from streamrec.settings import Settings
 from streamrec.transcribe import Transcriber
 from streamrec.twilio import MediaClient
+
+if TYPE_CHECKING:
+    import openai
 
 log = structlog.get_logger("streamrec.service")
 
@@ -229,6 +232,8 @@ async def _pipeline(
     session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
     records, transcripts = store.Store(pool), None
     if settings.openai_api_key is not None and settings.transcription_enabled:
+        import openai  # noqa: PLC0415 - only a transcribing consumer loads the SDK
+
         client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
             base_url=settings.openai_base_url,

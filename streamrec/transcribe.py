@@ -3,19 +3,25 @@
 The response format follows the model: ``whisper-1`` gives segments with
 timestamps (``verbose_json``), a diarizing model gives speaker-labelled segments
 (``diarized_json``), and the others give text only (``json``).
+
+The SDK is imported only where a transcribing consumer makes its client: it takes
+a third of a second and 14 MiB to load, which the webhook and a consumer that does
+not transcribe never pay.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 import structlog
 
 from streamrec.chunking import Segment
 from streamrec.retry import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    import openai
 
 log = structlog.get_logger("streamrec.transcribe")
 
@@ -25,13 +31,6 @@ UPLOAD_BUDGET_BYTES = 24 * 1000 * 1000
 """What a chunk may take of it: room for the multipart envelope and a rounding."""
 MIME = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 
-_PERMANENT = (
-    openai.BadRequestError,
-    openai.AuthenticationError,
-    openai.PermissionDeniedError,
-    openai.NotFoundError,
-    openai.UnprocessableEntityError,
-)
 # OpenAI's 400 for an upload over a model's duration ("audio duration 1502 seconds is
 # longer than 1500 seconds which is the maximum for this model") or size.
 _TOO_LONG = re.compile(r"longer than|too long|maximum content size|too large|duration", re.I)
@@ -95,6 +94,8 @@ class Transcriber:
 
     async def _request(self, **params: Any) -> Any:
         """POST the audio and sort the SDK's errors into retry classes."""
+        import openai  # noqa: PLC0415 - loaded by then: the client is the SDK's
+
         try:
             return await self._client.audio.transcriptions.create(**params)
         except openai.RateLimitError as exc:
@@ -117,7 +118,16 @@ def _sorted(exc: openai.APIStatusError) -> Exception:
     )
     if too_long:
         return TooLong(f"OpenAI refused the chunk as too long ({exc.status_code}): {exc.message}")
-    if isinstance(exc, _PERMANENT):
+    import openai  # noqa: PLC0415 - loaded by then: the error is the SDK's
+
+    permanent = (
+        openai.BadRequestError,
+        openai.AuthenticationError,
+        openai.PermissionDeniedError,
+        openai.NotFoundError,
+        openai.UnprocessableEntityError,
+    )
+    if isinstance(exc, permanent):
         return PermanentError(f"OpenAI rejected the audio ({exc.status_code}): {exc.message}")
     return TransientError(f"OpenAI error {exc.status_code}: {exc.message}")
 

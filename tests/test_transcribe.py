@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -135,3 +137,21 @@ async def test_errors_are_sorted_by_code(
     assert not isinstance(raised.value, TooLong)
     if expected is TransientError:
         assert not isinstance(raised.value, PermanentError)
+
+
+def test_the_sdk_is_loaded_only_to_transcribe() -> None:
+    """Every process's entry point loads without the OpenAI SDK (a third of a second and
+    14 MiB here): only a consumer that transcribes imports it, to make its client."""
+    probe = (
+        "import sys, streamrec.__main__, streamrec.service, streamrec.producer;"
+        " print('openai' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert loaded.stdout.strip() == "False"
