@@ -21,8 +21,9 @@ class Batcher(Generic[T, R]):
 
     A result may be an exception instead: that item alone fails with it, while
     an exception raised by ``run`` fails the whole batch. Up to ``flights`` runs
-    go on at once: an item submitted while fewer are under way goes out at once,
-    alone; the others wait for the first run to end and go out together.
+    go on at once: an item submitted while fewer are under way starts a run at
+    once (with whatever else is waiting when it starts); items submitted while
+    all are under way wait for the first to end and go out together.
     """
 
     def __init__(
